@@ -1,0 +1,224 @@
+"""Fused LoRA backward: dx, dA and dB in two launches, the dropout mask rebuilt from the seed.
+
+Given dy (M, N), with m the keep-mask, q = 1 / (1 - p) and s the scaling, the chain rule of
+y = x @ W^T + b + s * ((x * m * q) @ A^T) @ B^T gives
+
+    dxa = s * dy @ B                          (M, r)
+    dB  = s * dy^T @ xa                       (N, r)
+    dA  = q * dxa^T @ (x * m)                 (r, K)
+    dx  = dy @ W + q * m * (dxa @ A)          (M, K)
+
+Launch 1 reads each dy tile once for both dxa and the dB partial sums. Launch 2 is the dx GEMM with
+the LoRA term in its epilogue; its x tiles give the dA partial sums. dA and dB are accumulated in
+fp32 with atomics (M / BLOCK_M adds per element), so their last bits can vary from run to run.
+"""
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from lorafuse.checks import check_lora_inputs
+
+from .common import _mma, dot_options, is_interpreted, rank_block, small_block
+from .dropout import _keep_mask, seed_tensor
+
+
+@triton.jit
+def _lora_backward_dy_kernel(
+    dy_ptr,  # *[M, N] output gradient, any strides
+    b_ptr,  # *[N, R] lora_B
+    xa_ptr,  # *[M, R] saved dropout(x) @ A^T
+    dxa_ptr,  # *[M, R] output: s * dy @ B
+    db_ptr,  # *fp32 (fp64 for fp64 inputs) [N, R] contiguous, zeroed: dB accumulates here
+    M, N, R,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_dxam, stride_dxar,
+    scaling,
+    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    in_m = offs_m < M
+    in_r = offs_r < R
+    if COMPUTE_DB:
+        xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                     mask=in_m[:, None] & in_r[None, :], other=0.0)
+    dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        in_n = offs_n < N
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                     mask=in_m[:, None] & in_n[None, :], other=0.0)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=in_n[:, None] & in_r[None, :], other=0.0)
+        dxa = _mma(dy, b, dxa, UPCAST, PRECISION)
+        if COMPUTE_DB:
+            db = _mma(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, PRECISION)
+            tl.atomic_add(db_ptr + offs_n[:, None] * R + offs_r[None, :], db * scaling,
+                          mask=in_n[:, None] & in_r[None, :])
+    tl.store(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+             (dxa * scaling).to(dxa_ptr.dtype.element_ty), mask=in_m[:, None] & in_r[None, :])
+
+
+@triton.jit
+def _lora_backward_dx_kernel(
+    dy_ptr,  # *[M, N] output gradient, any strides
+    w_ptr,  # *[N, K] frozen base weight, any strides
+    a_ptr,  # *[R, K] lora_A
+    x_ptr,  # *[M, K] saved input
+    dxa_ptr,  # *[M, R] from launch 1
+    dx_ptr,  # *[M, K] output: input gradient (written when COMPUTE_DX)
+    da_ptr,  # *fp32 (fp64 for fp64 inputs) [R, K] contiguous, zeroed: dA accumulates here (when COMPUTE_DA)
+    seed_ptr,  # *int64 one element: the forward's dropout seed
+    M, N, K, R,
+    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
+    stride_xm, stride_xk, stride_dxam, stride_dxar, stride_dxm, stride_dxk,
+    dropout_p,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_k = tl.cdiv(K, BLOCK_K)
+    group_size = GROUP_M * num_pid_k
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % group_m
+    pid_k = (pid % group_size) // group_m
+
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    in_m = offs_m < M
+    in_k = offs_k < K
+    in_r = offs_r < R
+    if HAS_DROPOUT:
+        keep = _keep_mask(tl.load(seed_ptr), offs_m, offs_k, K, dropout_p)
+    dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+                  mask=in_m[:, None] & in_r[None, :], other=0.0)
+
+    if COMPUTE_DX:
+        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            in_n = offs_n < N
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=in_m[:, None] & in_n[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=in_n[:, None] & in_k[None, :], other=0.0)
+            acc = _mma(dy, w, acc, UPCAST, PRECISION)
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=in_r[:, None] & in_k[None, :], other=0.0)
+        lora = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, PRECISION)
+        if HAS_DROPOUT:
+            lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
+        acc += lora
+        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
+
+    if COMPUTE_DA:
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=in_m[:, None] & in_k[None, :], other=0.0)
+        if HAS_DROPOUT:
+            x = tl.where(keep, x, 0.0).to(x.dtype)
+        da = _mma(tl.trans(dxa), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE), UPCAST, PRECISION)
+        if HAS_DROPOUT:
+            da = da / (1.0 - dropout_p)
+        tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
+                      mask=in_r[:, None] & in_k[None, :])
+
+
+def _dy_configs():
+    shapes = [(64, 128, 4, 4), (128, 128, 3, 8), (64, 64, 4, 4), (128, 64, 4, 4), (32, 128, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
+            for bm, bn, stages, warps in shapes]
+
+
+def _dx_configs():
+    shapes = [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 3, 8),
+              (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages,
+                          num_warps=warps) for bm, bk, bn, stages, warps in shapes]
+
+
+@functools.cache
+def _tuned_dy_kernel():
+    return triton.autotune(configs=_dy_configs(), key=["M", "N", "BLOCK_R"], reset_to_zero=["db_ptr"])(
+        _lora_backward_dy_kernel)
+
+
+@functools.cache
+def _tuned_dx_kernel():
+    return triton.autotune(configs=_dx_configs(), key=["M", "N", "K", "BLOCK_R"], reset_to_zero=["da_ptr"])(
+        _lora_backward_dx_kernel)
+
+
+def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed,
+                  needs_dx=True, needs_dA=True, needs_dB=True):
+    """Run the fused backward.
+
+    dy: (M, N); x: (M, K) the forward's input; weight: (N, K); lora_A: (r, K); lora_B: (N, r);
+    xa: (M, r) from the forward; seed: the forward's seed. Any strides are accepted.
+    Returns (dx or None, dA or None, dB or None) in the dtypes of x, lora_A and lora_B.
+    """
+    check_lora_inputs(x, weight, None, lora_A, lora_B)
+    M, K = x.shape
+    N, R = lora_B.shape
+    for name, tensor, shape in (("dy", dy, (M, N)), ("xa", xa, (M, R))):
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype != x.dtype or tensor.device != x.device:
+            raise TypeError(f"{name} must be {x.dtype} on {x.device}, got {tensor.dtype} on {tensor.device}")
+    device = x.device
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else None
+    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    da = torch.zeros((R, K), dtype=acc_dtype, device=device) if needs_dA else None
+    db = torch.zeros((N, R), dtype=acc_dtype, device=device) if needs_dB else None
+    if M == 0 or N == 0 or K == 0:
+        if dx is not None:
+            dx.zero_()
+        return dx, _cast(da, lora_A.dtype), _cast(db, lora_B.dtype)
+
+    interpreted = is_interpreted(_lora_backward_dy_kernel)
+    dots = dot_options(x.dtype, interpreted)
+    block_r = rank_block(R)
+    # dxa is needed by dx and dA; launch 1 also gives dB.
+    dxa = torch.empty((M, R), dtype=x.dtype, device=device)
+    dy_args = (dy, lora_B, xa, dxa, db if db is not None else dxa, M, N, R,
+               dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+               xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), float(scaling))
+    dy_meta = dict(COMPUTE_DB=needs_dB, BLOCK_R=block_r, **dots)
+    if interpreted:
+        block_m = small_block(M)
+        _lora_backward_dy_kernel[(triton.cdiv(M, block_m),)](*dy_args, **dy_meta, BLOCK_M=block_m,
+                                                             BLOCK_N=small_block(N))
+    else:
+        _tuned_dy_kernel()[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*dy_args, **dy_meta)
+
+    if needs_dx or needs_dA:
+        dx_args = (dy, weight, lora_A, x, dxa, dx if dx is not None else x, da if da is not None else dxa,
+                   seed_tensor(seed, device), M, N, K, R,
+                   dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
+                   lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), dxa.stride(0), dxa.stride(1),
+                   dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
+                   float(dropout_p))
+        dx_meta = dict(COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,
+                       **dots)
+        if interpreted:
+            block_m, block_k = small_block(M), small_block(K)
+            grid = (triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)
+            _lora_backward_dx_kernel[grid](*dx_args, **dx_meta, BLOCK_M=block_m, BLOCK_K=block_k,
+                                           BLOCK_N=small_block(N), GROUP_M=8)
+        else:
+            def grid(config):
+                return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(K, config["BLOCK_K"]),)
+            _tuned_dx_kernel()[grid](*dx_args, **dx_meta)
+    return dx, _cast(da, lora_A.dtype), _cast(db, lora_B.dtype)
+
+
+def _cast(grad, dtype):
+    return None if grad is None else grad.to(dtype)

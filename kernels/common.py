@@ -1,0 +1,50 @@
+"""Pieces every LoRA kernel shares: the tile product and the choice of tile sizes."""
+
+import torch
+import triton
+import triton.language as tl
+
+from triton.runtime.interpreter import InterpretedFunction
+
+
+@triton.jit
+def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += a @ b, accumulated in acc's dtype.
+
+    UPCAST: Triton's interpreter returns garbage for bf16 `tl.dot` (Triton 3.9), so interpreted bf16
+    tiles go through fp32. PRECISION: "ieee" keeps fp32 inputs exact, as torch does unless TF32 is on.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether `kernel` was built by Triton's interpreter (TRITON_INTERPRET=1 at import time)."""
+    return isinstance(kernel, InterpretedFunction)
+
+
+def dot_options(dtype: torch.dtype, interpreted: bool) -> dict:
+    """The UPCAST, PRECISION and ACC_DTYPE meta-parameters for tiles of `dtype`.
+
+    Accumulators are fp32, and fp64 for fp64 inputs (gradcheck needs the full precision).
+    """
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        precision = "ieee"
+    elif dtype == torch.float64:
+        precision = "ieee"
+    else:
+        precision = "tf32"
+    return {"UPCAST": interpreted and dtype == torch.bfloat16, "PRECISION": precision,
+            "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32}
+
+
+def rank_block(r: int) -> int:
+    """Tile width for the rank dimension: `tl.dot` needs at least 16, and a power of two."""
+    return max(16, triton.next_power_of_2(r))
+
+
+def small_block(size: int, largest: int = 64) -> int:
+    """A power-of-two tile in [16, largest] that covers `size` when it can (interpreter configs)."""
+    return min(largest, max(16, triton.next_power_of_2(size)))

@@ -1,0 +1,16 @@
+"""lorafuse: a fused, Triton-accelerated LoRA linear layer for PyTorch."""
+
+from . import reference
+from .function import LoRALinearFunction, dropout_mask, lora_linear
+from .layer import FusedLoRALinear, lora_scaling
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedLoRALinear",
+    "LoRALinearFunction",
+    "dropout_mask",
+    "lora_linear",
+    "lora_scaling",
+    "reference",
+]

@@ -1,0 +1,53 @@
+"""Input validation shared by every backend, so a bad call fails the same way on any device."""
+
+import torch
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_rank(r) -> None:
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive int, got {r!r}")
+
+
+def check_dropout(dropout_p) -> None:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"lora_dropout must be a float in [0, 1), got {dropout_p!r}")
+
+
+def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
+    """Check shapes, dtypes and devices of one LoRA linear call.
+
+    x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None;
+    lora_A: (r, in_features); lora_B: (out_features, r).
+    """
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, tensor in named.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {x.dtype}")
+    for name, tensor in named.items():
+        if tensor.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {tensor.dtype} but x has dtype {x.dtype}; they must match")
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; they must be on one device")
+    if x.dim() < 1:
+        raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"x has {x.shape[-1]} features in its last dim (shape {tuple(x.shape)}) "
+                         f"but the layer's in_features is {in_features}")
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"bias must have shape ({out_features},), got {tuple(bias.shape)}")
+    if lora_A.dim() != 2 or lora_A.shape[1] != in_features:
+        raise ValueError(f"lora_A must have shape (r, {in_features}), got {tuple(lora_A.shape)}")
+    r = lora_A.shape[0]
+    if r == 0:
+        raise ValueError("lora_A has rank 0; r must be positive")
+    if tuple(lora_B.shape) != (out_features, r):
+        raise ValueError(f"lora_B must have shape ({out_features}, {r}), got {tuple(lora_B.shape)}")

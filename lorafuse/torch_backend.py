@@ -1,0 +1,47 @@
+"""The PyTorch path: the launchers' semantics in plain torch, for devices the kernels do not serve.
+
+Used on CPU without TRITON_INTERPRET=1, where Triton is absent (macOS, Windows), and for devices
+other than CUDA. Like the kernels it saves no mask: the mask is drawn again from the seed.
+"""
+
+import torch
+
+from .checks import check_lora_inputs
+
+
+def dropout_mask(seed, shape, p, device) -> torch.Tensor:
+    """Bool keep-mask of `shape` drawn from a torch generator seeded with `seed`."""
+    seed_value = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+    generator = torch.Generator(device=device).manual_seed(seed_value)
+    return torch.rand(shape, generator=generator, device=device) >= p
+
+
+def _dropped(x, dropout_p, seed):
+    if dropout_p == 0.0:
+        return x
+    keep = dropout_mask(seed, x.shape, dropout_p, x.device)
+    return x * keep.to(x.dtype) / (1.0 - dropout_p)
+
+
+def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
+    """Same contract as `lorafuse.kernels.lora_forward`: returns y (M, N) and xa (M, r)."""
+    check_lora_inputs(x, weight, bias, lora_A, lora_B)
+    xa = _dropped(x, dropout_p, seed) @ lora_A.t()
+    y = torch.nn.functional.linear(x, weight, bias)
+    y.add_(xa @ lora_B.t(), alpha=scaling)
+    return y, xa
+
+
+def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed,
+                  needs_dx=True, needs_dA=True, needs_dB=True):
+    """Same contract as `lorafuse.kernels.lora_backward`: returns (dx, dA, dB), None where not needed."""
+    dxa = (dy @ lora_B) * scaling
+    dB = (dy.t() @ xa) * scaling if needs_dB else None
+    dx = dA = None
+    if needs_dx or needs_dA:
+        keep_scaled = _dropped(torch.ones_like(x), dropout_p, seed)
+        if needs_dA:
+            dA = dxa.t() @ (x * keep_scaled)
+        if needs_dx:
+            dx = dy @ weight + (dxa @ lora_A) * keep_scaled
+    return dx, dA, dB

@@ -1,0 +1,27 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="lorafuse",
+    version="0.1.0",
+    description="Triton-accelerated LoRA: a fused FusedLoRALinear layer for PyTorch",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=["lorafuse", "lorafuse.kernels", "lorafuse.integrations", "lorafuse.distributed"],
+    package_dir={"lorafuse": "lorafuse", "lorafuse.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        # Triton ships for Linux only; elsewhere the layer runs its PyTorch path.
+        "triton>=3.2; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.5", "peft>=0.10"],
+    },
+    entry_points={"console_scripts": ["lorafuse-bench=lorafuse.bench:main"]},
+)
