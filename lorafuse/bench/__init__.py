@@ -1,0 +1,1 @@
+"""`python -m lorafuse.bench`: the benchmark CLI."""
