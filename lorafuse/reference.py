@@ -4,7 +4,6 @@ Every kernel is tested against this. It takes the dropout keep-mask explicitly, 
 it the exact mask the kernels drew (`lorafuse.kernels.dropout_mask`).
 """
 
-import torch
 import torch.nn.functional as F
 
 from .checks import check_lora_inputs
