@@ -1,1 +1,5 @@
-"""`python -m lorafuse.bench`: the benchmark CLI."""
+"""`python -m lorafuse.bench`: the benchmark CLI (see `lorafuse.bench.cli`)."""
+
+from .cli import main
+
+__all__ = ["main"]

@@ -1,0 +1,141 @@
+"""`python -m lorafuse.bench` / `lorafuse-bench`: parse options, run, print the table, write JSON and a plot."""
+
+import argparse
+import math
+import sys
+
+import torch
+
+from . import environment
+from .providers import PROVIDERS
+from .report import format_table, to_json, write_json
+from .run import Config, run
+from .shapes import PRESETS, parse_shapes
+from .steps import MODES
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: (shapes, tokens, dtype) when not given: LLM projections on a GPU; small ones in fp32 on a CPU, where
+#: the point is that the benchmark runs, not its numbers.
+_DEFAULTS = {"cuda": (["llama-7b"], 8192, "bfloat16"), "cpu": (["small"], 512, "float32")}
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text):
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+
+
+def _finite_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    return value
+
+
+def _dropout(text):
+    value = _finite_float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lorafuse.bench",
+        description="Time and memory of LoRA linear layers on identical weights: the frozen base linear (the "
+                    "floor), lorafuse, the unfused reference, PEFT and a two-GEMM addmm layer.")
+    parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
+                        help=f"presets ({', '.join(PRESETS)}; M is --tokens) or M,K,N triples "
+                             "(default: llama-7b on a GPU, small on a CPU)")
+    parser.add_argument("--tokens", type=_positive_int,
+                        help="M for presets: batch x sequence (default 8192 on a GPU, 512 on a CPU)")
+    parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default 16)")
+    parser.add_argument("--alpha", type=_finite_float, default=32.0,
+                        help="lora_alpha; scaling is alpha / r (default 32)")
+    parser.add_argument("--dropout", type=_dropout, default=0.0, help="lora_dropout in [0, 1) (default 0)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--mode", choices=MODES, default="train",
+                        help="fwd: training forward; bwd: its backward; train: both; infer: eval forward, "
+                             "unmerged and merged (default train)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS), metavar="NAME",
+                        help=f"any of {', '.join(PROVIDERS)} (default: all)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available")
+    parser.add_argument("--warmup", type=_non_negative_int, default=2,
+                        help="CPU: untimed calls before timing (default 2); a GPU uses do_bench's 25 ms")
+    parser.add_argument("--repeats", type=_positive_int, default=10,
+                        help="CPU: timed calls (default 10); a GPU uses do_bench's 100 ms")
+    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--json", metavar="PATH", help="write every measurement, environment and config as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of time and memory")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args, parser) -> Config:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    shapes, tokens, dtype = _DEFAULTS[device]
+    try:
+        parsed = parse_shapes(args.shapes or shapes, tokens=args.tokens or tokens)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--shapes: {exc}")
+    providers = tuple(dict.fromkeys(args.providers))
+    return Config(shapes=tuple(parsed), providers=providers, mode=args.mode, rank=args.rank, alpha=args.alpha,
+                  dropout=args.dropout, dtype=_DTYPES[args.dtype or dtype], device=device, warmup=args.warmup,
+                  repeats=args.repeats, seed=args.seed)
+
+
+def _notes(config, env) -> list:
+    notes = [f"device: {env['device']}; lorafuse backend: {env['lorafuse_backend']}; dtype "
+             f"{str(config.dtype).replace('torch.', '')}; r={config.rank}, alpha={config.alpha:g}, "
+             f"dropout={config.dropout:g}; mode {config.mode}"]
+    if env["device_type"] == "cpu":
+        notes.append("No GPU: CPU timings (perf_counter) of small shapes; peak memory is not tracked on a CPU "
+                     "(n/a). These numbers say nothing about the Triton kernels.")
+    if env["lorafuse_backend"] == "triton-interpreter":
+        notes.append("TRITON_INTERPRET=1: lorafuse runs its kernels in Triton's interpreter, so its times are "
+                     "those of an interpreter; unset it (or LORAFUSE_BACKEND=torch) for the PyTorch path.")
+    return notes
+
+
+def main(argv=None) -> int:
+    """Run the benchmark; 0 when every provider that could run agreed with the oracle, 1 otherwise."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    config = config_from_args(args, parser)
+    env = environment.describe(config.device)
+    for note in _notes(config, env):
+        print(note)
+    records = run(config, progress=not args.no_progress)
+    print(format_table(records))
+    print("saved = bytes autograd keeps for backward in one training forward (unique storages, parameters "
+          "excluded); beyond x = the same less the input x. Output checks ran with dropout off.")
+    if args.json:
+        write_json(args.json, to_json(environment=env, config=config, records=records))
+        print(f"wrote {args.json}")
+    if args.plot:
+        from .plot import write_plot
+
+        write_plot(args.plot, records, title=f"{env['device']} ({env['lorafuse_backend']}), {config.mode}, "
+                                             f"{str(config.dtype).replace('torch.', '')}, r={config.rank}, "
+                                             f"dropout={config.dropout:g}")
+        print(f"wrote {args.plot}")
+    failed = [r for r in records if r.status in ("mismatch", "error")]
+    for r in failed:
+        print(f"{r.label} on {r.M}x{r.K}->{r.N}: {r.status}: {r.reason}", file=sys.stderr)
+    return 1 if failed else 0
