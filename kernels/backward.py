@@ -188,7 +188,10 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
     block_r = rank_block(R)
     # dxa is needed by dx and dA; launch 1 also gives dB.
     dxa = torch.empty((M, R), dtype=x.dtype, device=device)
-    dy_args = (dy, lora_B, xa, dxa, db if db is not None else dxa, M, N, R,
+    # Stands in for dA/dB when they are not wanted. It must not alias a live tensor: autotuning zeroes
+    # the reset_to_zero arguments before every trial run.
+    unused = torch.zeros(1, dtype=acc_dtype, device=device)
+    dy_args = (dy, lora_B, xa, dxa, db if db is not None else unused, M, N, R,
                dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
                xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), float(scaling))
     dy_meta = dict(COMPUTE_DB=needs_dB, BLOCK_R=block_r, **dots)
@@ -200,7 +203,7 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
         _tuned_dy_kernel()[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*dy_args, **dy_meta)
 
     if needs_dx or needs_dA:
-        dx_args = (dy, weight, lora_A, x, dxa, dx if dx is not None else x, da if da is not None else dxa,
+        dx_args = (dy, weight, lora_A, x, dxa, dx if dx is not None else unused, da if da is not None else unused,
                    seed_tensor(seed, device), M, N, K, R,
                    dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
                    lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), dxa.stride(0), dxa.stride(1),
