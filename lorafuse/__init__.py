@@ -1,6 +1,8 @@
 """lorafuse: a fused, Triton-accelerated LoRA linear layer for PyTorch."""
 
 from . import reference
+from .cli import add_lora_arguments
+from .config import LoRAConfig
 from .function import LoRALinearFunction, dropout_mask, lora_linear
 from .layer import FusedLoRALinear, lora_scaling
 
@@ -8,7 +10,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "FusedLoRALinear",
+    "LoRAConfig",
     "LoRALinearFunction",
+    "add_lora_arguments",
     "dropout_mask",
     "lora_linear",
     "lora_scaling",
