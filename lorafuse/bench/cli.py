@@ -123,12 +123,18 @@ def main(argv=None) -> int:
         print(note)
     records = run(config, progress=not args.no_progress)
     print(format_table(records))
-    print("saved = bytes autograd keeps for backward in one training forward (unique storages, parameters "
-          "excluded); beyond x = the same less the input x. Output checks ran with dropout off.")
+    if config.mode == "infer":
+        print("saved: not measured in infer mode (under no_grad autograd keeps nothing).", end=" ")
+    else:
+        print("saved = bytes autograd keeps for backward after one training forward (unique storages, parameters "
+              "excluded); beyond x = the same less the input x's storage.", end=" ")
+    print("Outputs were checked against a float64 oracle with dropout off before timing.")
     if args.json:
         write_json(args.json, to_json(environment=env, config=config, records=records))
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and not any(r.status == "ok" for r in records):
+        print(f"no provider was timed, so {args.plot} was not written", file=sys.stderr)
+    elif args.plot:
         from .plot import write_plot
 
         write_plot(args.plot, records, title=f"{env['device']} ({env['lorafuse_backend']}), {config.mode}, "
