@@ -1,34 +1,12 @@
 """The autograd Function and the functional form `lora_linear`, with backend dispatch."""
 
-import functools
-import os
+import sys
 
 import torch
 
-from . import torch_backend
+from . import ops
 from .checks import check_dropout, check_lora_inputs
-
-
-@functools.cache
-def _kernels():
-    """`lorafuse.kernels`, or None where Triton cannot be imported."""
-    try:
-        from . import kernels
-    except ImportError:
-        return None
-    return kernels
-
-
-def select_backend(x: torch.Tensor):
-    """The launchers for x's device: Triton kernels on CUDA, or on CPU when TRITON_INTERPRET=1 was set
-    before lorafuse.kernels was imported; the PyTorch path otherwise. LORAFUSE_BACKEND=torch forces
-    the PyTorch path (for comparison and debugging)."""
-    if os.environ.get("LORAFUSE_BACKEND", "") == "torch":
-        return torch_backend
-    kernels = _kernels()
-    if kernels is not None and (x.is_cuda or (x.device.type == "cpu" and kernels.INTERPRETED)):
-        return kernels
-    return torch_backend
+from .dispatch import select_backend
 
 
 def dropout_mask(seed, shape, p, device) -> torch.Tensor:
@@ -44,36 +22,42 @@ class LoRALinearFunction(torch.autograd.Function):
         dxa = s * dy @ B;  dB = s * dy^T @ xa;  dA = q * dxa^T @ (x * m);  dx = dy @ W + q * m * (dxa @ A)
         dW = dy^T @ x and db = sum(dy) only when the base requires grad.
     Saved: x, xa and the seed (plus the parameters); the mask is rebuilt from the seed.
+
+    `lora_linear` calls the custom op `lorafuse::lora_forward` directly (its registered autograd is this
+    same chain rule, lorafuse/ops.py) so that torch.compile can trace it; this Function is the same
+    computation for callers of `.apply`.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        backend = select_backend(x)
-        y, xa = backend.lora_forward(x, weight, bias, lora_A, lora_B, scaling=scaling, dropout_p=dropout_p,
-                                     seed=seed)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-        ctx.backend = backend
-        ctx.scaling = scaling
-        ctx.dropout_p = dropout_p
+        seed = _seed_tensor(seed, x.device)
+        y, xa = torch.ops.lorafuse.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling=float(scaling),
+                                                dropout_p=float(dropout_p))
+        ops.save_for_backward(ctx, x, weight, lora_A, lora_B, xa, seed, scaling=float(scaling),
+                              dropout_p=float(dropout_p))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
-        needs_dx, needs_dW, needs_db, needs_dA, needs_dB = ctx.needs_input_grad[:5]
-        dx = dA = dB = None
-        if needs_dx or needs_dA or needs_dB:
-            dx, dA, dB = ctx.backend.lora_backward(
-                dy, x, weight, lora_A, lora_B, xa, scaling=ctx.scaling, dropout_p=ctx.dropout_p, seed=seed,
-                needs_dx=needs_dx, needs_dA=needs_dA, needs_dB=needs_dB)
-        dW = dy.t() @ x if needs_dW else None
-        db = dy.sum(0) if needs_db else None
-        return dx, dW, db, dA, dB, None, None, None
+        return (*ops.backward_grads(ctx, dy), None, None, None)
 
 
 def _draw_seed(device) -> torch.Tensor:
     # From the device's default generator: torch.manual_seed reproduces it and checkpoint replays it.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _seed_tensor(seed, device) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):
+        return seed
+    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
+
+
+def _is_dtensor(tensor) -> bool:
+    # No tensor can be a DTensor before torch.distributed.tensor is imported; looking it up in
+    # sys.modules keeps that 1 s import out of `import lorafuse`.
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
 
 
 def _autocast(x, weight, bias, lora_A, lora_B):
@@ -101,10 +85,15 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, trai
         seed = _draw_seed(x.device)
     elif seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
-    elif not isinstance(seed, torch.Tensor):
-        seed = torch.tensor([int(seed)], dtype=torch.int64, device=x.device)
+    else:
+        seed = _seed_tensor(seed, x.device)
+    if any(_is_dtensor(t) for t in (x, weight, lora_A, lora_B)):
+        # Tensor-parallel layers (lorafuse.distributed styles): the same kernels on local shards.
+        from .distributed.sharded import sharded_lora_linear
+
+        return sharded_lora_linear(x, weight, bias, lora_A, lora_B, scaling=float(scaling), dropout_p=p, seed=seed)
     leading = x.shape[:-1]
     with torch.autocast(x.device.type, enabled=False):
-        y = LoRALinearFunction.apply(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, float(scaling),
-                                     p, seed)
+        y, _xa = torch.ops.lorafuse.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed,
+                                                 scaling=float(scaling), dropout_p=p)
     return y.reshape(*leading, weight.shape[0])
