@@ -1,0 +1,61 @@
+"""Run a test function in N gloo processes on CPU, with a free port and a hard time limit.
+
+Each worker is `fn(rank, world_size, *args)`, called after `torch.distributed` is initialised; an
+exception in any worker fails the test with the worker's traceback, and a worker that hangs past
+`timeout` is killed and fails it too (a hung collective must not hang CI).
+"""
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+#: Per-collective limit inside the workers, so a missing peer raises instead of waiting 30 minutes.
+COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=90)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _entry(rank, world_size, port, interpret, fn, args):
+    # Same kernel path as the parent: interpreted Triton on CPU unless the parent has a GPU.
+    if interpret:
+        os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=COLLECTIVE_TIMEOUT)
+    try:
+        if interpret:
+            from lorafuse import kernels
+            from lorafuse.dispatch import select_backend
+
+            assert select_backend(torch.empty(0)) is kernels, "workers must run the interpreted Triton kernels"
+        fn(rank, world_size, *args)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run_workers(fn, world_size, *args, timeout=180):
+    """Run `fn(rank, world_size, *args)` in `world_size` spawned processes; fail on error or timeout."""
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    context = mp.start_processes(_entry, args=(world_size, free_port(), interpret, fn, args), nprocs=world_size,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+            for process in context.processes:
+                process.join(5)
+            pytest.fail(f"{fn.__name__} with {world_size} processes did not finish within {timeout} s")

@@ -1,0 +1,146 @@
+"""Tensor parallelism with ColwiseLoRAParallel / RowwiseLoRAParallel: 2 gloo processes on CPU, every
+result compared with the same module unsharded in the same process."""
+
+import copy
+
+import pytest
+import torch
+from dist_harness import run_workers
+from tiny_llama import HIDDEN, Block, adapt, block_tp_plan, lora_grads
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import parallelize_module
+
+from lorafuse import FusedLoRALinear
+from lorafuse.distributed import (
+    ColwiseLoRAParallel,
+    RowwiseLoRAParallel,
+    gather_lora_state_dict,
+    load_lora_state_dict,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def _close(actual, expected, name, tol=1e-5):
+    # fp32 throughout; sharding only changes the order of the sums (about 1e-5 relative after a block).
+    if isinstance(actual, DTensor):
+        actual = actual.full_tensor()
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+
+
+def _layer(in_features, out_features, *, dropout, bias=True, fan_in_fan_out=False):
+    torch.manual_seed(3)
+    layer = FusedLoRALinear(in_features, out_features, bias=bias, r=4, lora_alpha=8, lora_dropout=dropout,
+                            fan_in_fan_out=fan_in_fan_out)
+    torch.nn.init.normal_(layer.lora_B)
+    return layer
+
+
+def _run_both(reference, sharded, x, *, seed):
+    """Forward and backward of both modules on x with one dropout seed; returns the outputs and x grads."""
+    outputs, x_grads = [], []
+    for module in (reference, sharded):
+        x_in = x.clone().requires_grad_()
+        torch.manual_seed(seed)
+        y = module(x_in)
+        full = y.full_tensor() if isinstance(y, DTensor) else y
+        (full * torch.linspace(-1, 1, full.numel()).view_as(full)).sum().backward()
+        outputs.append(full)
+        x_grads.append(x_in.grad)
+    return outputs, x_grads
+
+
+def _check_single_layers(rank, mesh):
+    x = torch.randn(6, 32, generator=torch.Generator().manual_seed(5))
+
+    # Column-parallel with dropout: every rank sees the whole x and the same seed, so the mask is the
+    # unsharded layer's and the results agree exactly, dropout included. fan_in_fan_out: a Conv1D-style weight.
+    for fan_in_fan_out in (False, True):
+        reference = _layer(32, 24, dropout=0.25, fan_in_fan_out=fan_in_fan_out)
+        sharded = parallelize_module(copy.deepcopy(reference), mesh, ColwiseLoRAParallel(use_local_output=False))
+        assert sharded.weight.placements == (Shard(1 if fan_in_fan_out else 0),)
+        assert sharded.lora_A.placements == (Replicate(),) and sharded.lora_B.placements == (Shard(0),)
+        (y_ref, y), (dx_ref, dx) = _run_both(reference, sharded, x, seed=11)
+        _close(y, y_ref, "colwise y")
+        _close(dx, dx_ref, "colwise dx")
+        for name in ("lora_A", "lora_B"):
+            grad = getattr(sharded, name).grad
+            assert isinstance(grad, DTensor) and grad.placements == getattr(sharded, name).placements
+            _close(grad, getattr(reference, name).grad, f"colwise d{name}")
+        assert sharded.weight.grad is None and sharded.bias.grad is None
+
+    # Row-parallel, input whole and split by the style (input_layouts=Replicate()).
+    reference = _layer(32, 24, dropout=0.0)
+    sharded = parallelize_module(copy.deepcopy(reference), mesh, RowwiseLoRAParallel(input_layouts=Replicate()))
+    assert sharded.lora_A.placements == (Shard(1),) and sharded.lora_B.placements == (Replicate(),)
+    (y_ref, y), (dx_ref, dx) = _run_both(reference, sharded, x, seed=12)
+    _close(y, y_ref, "rowwise y")
+    _close(dx, dx_ref, "rowwise dx")
+    for name in ("lora_A", "lora_B"):
+        _close(getattr(sharded, name).grad, getattr(reference, name).grad, f"rowwise d{name}")
+
+    # Row-parallel with dropout: shards draw independent masks (seed offset by rank), so the output is not
+    # the unsharded one, but the layer trains and its replicated B grad agrees on every rank.
+    sharded = parallelize_module(_layer(32, 24, dropout=0.5), mesh, RowwiseLoRAParallel(input_layouts=Replicate()))
+    y = sharded(x.clone().requires_grad_())
+    y.sum().backward()
+    grad_B = sharded.lora_B.grad.to_local()
+    gathered = [torch.empty_like(grad_B) for _ in range(2)]
+    torch.distributed.all_gather(gathered, grad_B)
+    torch.testing.assert_close(gathered[0], gathered[1])
+
+
+def _check_sequence_parallel(rank, mesh):
+    # Column layer fed a sequence-sharded input (all-gathered), row layer leaving a sequence-sharded output
+    # (reduce-scattered): the pair equals the unsharded pair.
+    torch.manual_seed(4)
+    up, down = _layer(32, 48, dropout=0.0, bias=False), _layer(48, 32, dropout=0.0, bias=False)
+    reference = torch.nn.Sequential(up, down)
+    sharded = parallelize_module(copy.deepcopy(reference), mesh, {
+        "0": ColwiseLoRAParallel(input_layouts=Shard(1)),
+        "1": RowwiseLoRAParallel(output_layouts=Shard(1), use_local_output=False),
+    })
+    x = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(6))
+    y_ref = reference(x)
+    y = sharded(x.chunk(2, dim=1)[rank])
+    assert y.placements == (Shard(1),)
+    _close(y, y_ref, "sequence-parallel y")
+
+
+def _check_llama_block(rank, mesh):
+    torch.manual_seed(0)
+    reference = adapt(Block())
+    sharded = parallelize_module(copy.deepcopy(reference), mesh,
+                                 block_tp_plan(ColwiseLoRAParallel, RowwiseLoRAParallel))
+    assert sharded.self_attn.q_proj.weight.to_local().shape == (HIDDEN // 2, HIDDEN)
+    x = torch.randn(2, 5, HIDDEN, generator=torch.Generator().manual_seed(8))
+    (y_ref, y), (dx_ref, dx) = _run_both(reference, sharded, x, seed=13)
+    _close(y, y_ref, "block y", tol=1e-4)
+    _close(dx, dx_ref, "block dx", tol=1e-4)
+    expected = lora_grads(reference)
+    actual = lora_grads(sharded)
+    assert actual.keys() == expected.keys() and len(actual) == 14
+    for name in expected:
+        _close(actual[name], expected[name], f"block grad {name}", tol=1e-4)
+
+    # The adapter leaves the sharded block whole and goes back into the shards.
+    state = gather_lora_state_dict(sharded)
+    for name, tensor in state.items():
+        torch.testing.assert_close(tensor, reference.get_submodule(name.rpartition(".")[0]).get_parameter(
+            name.rpartition(".")[2]).detach())
+    fresh = parallelize_module(adapt(copy.deepcopy(reference), seed=99), mesh,
+                               block_tp_plan(ColwiseLoRAParallel, RowwiseLoRAParallel))
+    load_lora_state_dict(fresh, state)
+    _close(fresh(x), y_ref, "block y after load", tol=1e-4)
+
+
+def _tp_worker(rank, world_size):
+    mesh = init_device_mesh("cpu", (world_size,))
+    _check_single_layers(rank, mesh)
+    _check_sequence_parallel(rank, mesh)
+    _check_llama_block(rank, mesh)
+
+
+def test_tensor_parallel_matches_unsharded():
+    run_workers(_tp_worker, 2)
