@@ -5,11 +5,16 @@ from pathlib import Path
 #: (field, axis title, scale): each panel is drawn only when some record has a value for it, so a CPU run,
 #: where peak memory is unavailable, shows no empty panel.
 _PANELS = (
-    ("median_ms", "median time per call (ms)", 1.0),
+    ("median_ms", "median time per call (ms), whiskers p20..p80", 1.0),
     ("peak_bytes", "peak memory during a call (MiB)", 1 / 2**20),
     ("saved_bytes", "saved for backward (MiB)", 1 / 2**20),
     ("saved_beyond_x_bytes", "saved for backward, beyond x (MiB)", 1 / 2**20),
 )
+
+
+def _value(record, field) -> float:
+    value = None if record is None else getattr(record, field)
+    return 0.0 if value is None else value
 
 
 def write_plot(path, records, *, title) -> None:
@@ -31,16 +36,22 @@ def write_plot(path, records, *, title) -> None:
                                 squeeze=False)
     for axis, (field, axis_title, scale) in zip(axes[:, 0], panels):
         for i, label in enumerate(labels):
-            values = {f"{r.M}x{r.K}->{r.N}": getattr(r, field) for r in timed if r.label == label}
-            heights = [0.0 if values.get(s) is None else values[s] * scale for s in shapes]
+            rows = {f"{r.M}x{r.K}->{r.N}": r for r in timed if r.label == label}
+            heights = [_value(rows.get(s), field) * scale for s in shapes]
             positions = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(shapes))]
-            axis.bar(positions, heights, width=width, label=label)
+            # Time bars carry their p20..p80 spread, so a noisy (shared, CPU) measurement looks noisy.
+            spread = None
+            if field == "median_ms":
+                spread = [[h - _value(rows.get(s), "p20_ms") for h, s in zip(heights, shapes)],
+                          [_value(rows.get(s), "p80_ms") - h for h, s in zip(heights, shapes)]]
+            axis.bar(positions, heights, width=width, label=label, yerr=spread, capsize=2,
+                     error_kw={"elinewidth": 0.8})
         axis.set_xticks(range(len(shapes)))
         axis.set_xticklabels(shapes)
         axis.set_title(axis_title, fontsize=10)
         axis.grid(axis="y", alpha=0.3)
     handles, names = axes[0, 0].get_legend_handles_labels()
-    figure.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
+    figure.legend(handles, names, loc="lower center", ncol=min(len(names), 5), fontsize=8, frameon=False)
     untimed = [f"{r.label} ({r.status})" for r in records if r.status != "ok"]
     # Say which providers are missing from the bars, so an absent bar is never read as a zero.
     subtitle = f"\nnot timed: {'; '.join(dict.fromkeys(untimed))}" if untimed else ""
