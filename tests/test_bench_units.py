@@ -140,6 +140,21 @@ def test_a_provider_that_disagrees_is_reported_not_timed(monkeypatch):
     assert "mismatch: y error" in format_table([base, wrong])
 
 
+def test_a_provider_that_raises_is_reported_and_the_run_goes_on(monkeypatch):
+    real_build = run_module.build_provider
+
+    def build(name, weights, *, alpha, dropout):
+        if name == "reference":
+            raise RuntimeError("boom")
+        return real_build(name, weights, alpha=alpha, dropout=dropout)
+
+    monkeypatch.setattr(run_module, "build_provider", build)
+    config = Config(shapes=(Shape(9, 8, 6),), providers=("reference", "base"), rank=2, warmup=0, repeats=1)
+    broken, base = run_module.run(config, progress=False)
+    assert broken.status == "error" and "RuntimeError: boom" in broken.reason and broken.median_ms is None
+    assert base.status == "ok"
+
+
 def test_ratios_compare_the_same_shape_and_variant():
     def record(provider, variant, median, N=4):
         return Record(provider=provider, variant=variant, mode="infer", M=1, K=2, N=N, status="ok", median_ms=median)

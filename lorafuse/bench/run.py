@@ -70,8 +70,7 @@ def run(config: Config, *, progress=True) -> list:
     records = []
     with tqdm(total=len(config.shapes) * len(config.providers), disable=not progress, unit="layer", leave=False) as bar:
         for shape in config.shapes:
-            for record in _run_shape(config, shape, bar):
-                records.append(record)
+            records.extend(_run_shape(config, shape, bar))
     add_ratios(records)
     return records
 
@@ -108,6 +107,9 @@ def _run_provider(config, shape, name, weights, x, dy, expected):
         provider = build_provider(name, weights, alpha=config.alpha, dropout=config.dropout)
     except ProviderUnavailable as exc:
         yield record(status="skipped", reason=str(exc))
+        return
+    except Exception as exc:  # e.g. a peer's API changed: report it and go on with the others
+        yield record(status="error", reason=f"building it raised {type(exc).__name__}: {exc}")
         return
     variants = ["", "merged"] if config.mode == "infer" and provider.merge is not None else [""]
     for variant in variants:
