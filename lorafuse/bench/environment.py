@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .. import __version__, torch_backend
-from ..function import select_backend
+from ..dispatch import select_backend
 
 
 def lorafuse_backend(device) -> str:
