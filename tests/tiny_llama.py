@@ -109,9 +109,9 @@ def adapt(model, *, targets=ATTENTION + MLP, r=4, lora_alpha=8.0, lora_dropout=0
     return model
 
 
-def build(*, layers=2, seed=0, **lora):
-    """A TinyLlama with seeded base weights, adapted with `lora` options (see `adapt`)."""
-    torch.manual_seed(seed)
+def build(*, layers=2, base_seed=0, **lora):
+    """A TinyLlama with base weights from `base_seed`, adapted with `lora` options (see `adapt`)."""
+    torch.manual_seed(base_seed)
     return adapt(TinyLlama(layers), **lora)
 
 
@@ -135,3 +135,23 @@ def lora_grads(model):
             grad = param.grad
             grads[name] = grad.full_tensor() if hasattr(grad, "full_tensor") else grad.clone()
     return grads
+
+
+def train(model, batches, *, lr=0.5, reduce=None):
+    """SGD steps on the trainable parameters, one per batch; returns the losses (each passed through
+    `reduce` first, e.g. an average over data-parallel ranks)."""
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for batch in batches:
+        loss = loss_fn(model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append((reduce(loss.detach()) if reduce else loss.detach()).item())
+    return losses
+
+
+def adapter_of(model):
+    """name -> lora_A / lora_B values of a plain (unsharded) model."""
+    return {name: param.detach().clone() for name, param in model.named_parameters()
+            if name.endswith(("lora_A", "lora_B"))}

@@ -1,0 +1,53 @@
+"""FSDP2 + tensor parallelism on a 2-D (dp=2, tp=2) mesh: 4 gloo processes on CPU against one process."""
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import run_workers
+from tiny_llama import adapter_of, block_tp_plan, build, tokens, train
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor.parallel import parallelize_module
+
+from lorafuse.distributed import ColwiseLoRAParallel, RowwiseLoRAParallel, gather_lora_state_dict, shard_lora_model
+
+pytestmark = pytest.mark.slow
+
+STEPS = 2
+
+
+def _mean_over_ranks(tensor):
+    # Tensor-parallel ranks hold the same loss, so the mean over all ranks is the mean over dp ranks.
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / dist.get_world_size()
+
+
+def _fsdp_tp_worker(rank, world_size):
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    batches = [tokens(4, 9, seed=step) for step in range(STEPS)]
+    reference = build()
+    reference_losses = train(reference, batches)
+
+    model = build()
+    for block in model.layers:
+        parallelize_module(block, mesh["tp"], block_tp_plan(ColwiseLoRAParallel, RowwiseLoRAParallel))
+    shard_lora_model(model, mesh["dp"])
+    o_proj = model.layers[0].self_attn.o_proj
+    # dp shards dim 0 of the tp-local tensor: a row-parallel A is (Shard(0) over dp, Shard(1) over tp).
+    assert o_proj.lora_A.placements == (Shard(0), Shard(1)) and o_proj.lora_B.placements == (Shard(0), Replicate())
+
+    dp_rank = mesh.get_local_rank("dp")
+    local = [batch.chunk(2)[dp_rank] for batch in batches]
+    losses = train(model, local, reduce=_mean_over_ranks)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-5, rtol=1e-5)
+
+    expected = adapter_of(reference)
+    state = gather_lora_state_dict(model)
+    assert state.keys() == expected.keys()
+    for name, value in state.items():
+        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fsdp2_with_tensor_parallel_on_2d_mesh():
+    run_workers(_fsdp_tp_worker, 4, timeout=300)

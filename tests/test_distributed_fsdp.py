@@ -1,0 +1,75 @@
+"""FSDP2 (`fully_shard`) over a lorafuse model, frozen base weights and adapters in the same groups:
+2 gloo processes on CPU against one process, plus the adapter saved from and loaded into shards."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from dist_harness import run_workers
+from tiny_llama import adapter_of, build, loss_fn, tokens, train
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, Shard
+
+from lorafuse.distributed import default_blocks, gather_lora_state_dict, load_lora_state_dict, shard_lora_model
+
+pytestmark = pytest.mark.slow
+
+STEPS = 2
+
+
+def _mean_over_ranks(tensor):
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / dist.get_world_size()
+
+
+def _fsdp_worker(rank, world_size, directory):
+    batches = [tokens(2 * world_size, 9, seed=step) for step in range(STEPS)]
+    reference = build()
+    reference_losses = train(reference, batches)
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    model = build()
+    blocks = default_blocks(model)
+    assert blocks == list(model.layers)
+    shard_lora_model(model, mesh)
+    assert all(isinstance(block, FSDPModule) for block in blocks) and isinstance(model, FSDPModule)
+    q_proj = model.layers[0].self_attn.q_proj
+    # One FSDP group holds the frozen weight and the trainable adapter of the same layer.
+    assert isinstance(q_proj.weight, DTensor) and q_proj.weight.placements == (Shard(0),)
+    assert not q_proj.weight.requires_grad and q_proj.lora_A.requires_grad
+
+    local = [batch.chunk(world_size)[rank] for batch in batches]
+    losses = train(model, local, reduce=_mean_over_ranks)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-5, rtol=1e-5)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+    # Saved whole from the shards: equal to the single-process adapter after the same training.
+    state = gather_lora_state_dict(model)
+    expected = adapter_of(reference)
+    assert state.keys() == expected.keys()
+    for name, value in state.items():
+        assert not isinstance(value, DTensor) and value.shape == expected[name].shape
+        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+    path = os.path.join(directory, "adapter.pt")
+    if rank == 0:
+        torch.save(state, path)
+    dist.barrier()
+
+    # Loaded into a fresh sharded model whose adapter started elsewhere: each rank keeps its own shard.
+    fresh = shard_lora_model(build(seed=99), mesh)
+    load_lora_state_dict(fresh, torch.load(path))
+    check = tokens(2, 9, seed=50)
+    with torch.no_grad():
+        reference_loss = loss_fn(reference, check)
+        loaded_loss = loss_fn(fresh, check)
+    torch.testing.assert_close(loaded_loss, reference_loss, atol=1e-5, rtol=1e-5)
+    local_A = fresh.layers[1].mlp.down_proj.lora_A.to_local()
+    full_A = expected["layers.1.mlp.down_proj.lora_A"]
+    torch.testing.assert_close(local_A, full_A.chunk(world_size)[rank])
+
+
+def test_fsdp2_matches_single_process_and_round_trips_the_adapter(tmp_path):
+    run_workers(_fsdp_worker, 2, str(tmp_path))
