@@ -11,13 +11,19 @@ VOCAB = 64
 HIDDEN = 32
 
 
-def tiny_llama(*, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = VOCAB):
-    """A LlamaForCausalLM with `layers` blocks of width `hidden` (4 heads, 2 KV heads), random weights."""
+def tiny_llama(*, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = VOCAB,
+               initializer_range: float = 0.02):
+    """A LlamaForCausalLM with `layers` blocks of width `hidden` (4 heads, 2 KV heads), random weights.
+
+    With the default initializer_range the frozen head's logits stay within about +-0.6 (the final
+    RMSNorm fixes the hidden state's size), so a model meant to learn needs about 0.2.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
-                         max_position_embeddings=64, tie_word_embeddings=False, attn_implementation="eager")
+                         max_position_embeddings=64, tie_word_embeddings=False, attn_implementation="eager",
+                         initializer_range=initializer_range)
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
 
@@ -86,3 +92,19 @@ def counting_task(*, batch: int = 4, seq: int = 8, vocab: int = VOCAB, seed: int
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, vocab, (batch, 1), generator=generator)
     return (starts + torch.arange(seq)) % vocab
+
+
+@torch.no_grad()
+def randomize_adapters(model: nn.Module, *, seed: int = 1, std: float = 0.1) -> None:
+    """Give every FusedLoRALinear a non-zero lora_B (a new adapter is the identity: B starts at zero)."""
+    from lorafuse.targeting import lora_layers
+
+    generator = torch.Generator().manual_seed(seed)
+    for _, layer in lora_layers(model):
+        noise = torch.randn(layer.lora_B.shape, generator=generator) * std
+        layer.lora_B.copy_(noise)
+
+
+def logits(output) -> torch.Tensor:
+    """The logits of a transformers output or a plain tensor."""
+    return output.logits if hasattr(output, "logits") else output

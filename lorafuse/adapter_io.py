@@ -1,0 +1,300 @@
+"""Adapters on disk in PEFT's layout: state dicts, adapter_config.json, safetensors, atomic writes.
+
+A directory holds `adapter_config.json` and `adapter_model.safetensors`, exactly as PEFT's
+`save_pretrained` writes them, so either library loads the other's adapters. Keys are
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`; a trained bias of an adapted layer
+is `<path>.base_layer.bias` (PEFT keeps the wrapped layer as `base_layer`); other saved parameters
+(bias="all", modules_to_save) keep their own path. Nothing is ever read with pickle.
+"""
+
+import json
+import os
+import tempfile
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from .config import LoRAConfig
+from .layer import lora_scaling
+from .targeting import extra_trainable_parameters, find_modules_to_save, lora_layers, pattern_value
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+#: PEFT's files name parameters relative to PeftModel, whose `base_model.model` is the user's model.
+PEFT_PREFIX = "base_model.model."
+
+#: PEFT options that change what an adapter computes and that lorafuse does not implement: loading an
+#: adapter that uses one would silently give other outputs, so it is refused.
+_UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "layer_replication", "use_qalora",
+                "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config")
+
+
+class LoadResult(NamedTuple):
+    """Keys of a state dict that the model lacked (unexpected) or that it did not provide (missing)."""
+
+    missing_keys: List[str]
+    unexpected_keys: List[str]
+
+
+def _saved_parameters(model: nn.Module, config: Optional[LoRAConfig]) -> Dict[str, nn.Parameter]:
+    """Parameter path in the model -> parameter, for every tensor an adapter holds."""
+    params = {}
+    for path, layer in lora_layers(model):
+        params[f"{path}.lora_A"] = layer.lora_A
+        params[f"{path}.lora_B"] = layer.lora_B
+    if config is not None:
+        params.update(extra_trainable_parameters(model, config))
+    return params
+
+
+def _file_key(name: str, lora_paths: set) -> str:
+    path, _, leaf = name.rpartition(".")
+    if path in lora_paths:
+        name = f"{path}.{leaf}.weight" if leaf in ("lora_A", "lora_B") else f"{path}.base_layer.{leaf}"
+    return PEFT_PREFIX + name
+
+
+def _model_key(key: str) -> str:
+    """The model parameter path a file key names (the inverse of _file_key, prefix optional)."""
+    if key.startswith(PEFT_PREFIX):
+        key = key[len(PEFT_PREFIX):]
+    for suffix in (".lora_A.weight", ".lora_B.weight"):
+        if key.endswith(suffix):
+            return key[: -len(".weight")]
+    return key.replace(".base_layer.", ".")
+
+
+def lora_state_dict(model: nn.Module, *, config: Optional[LoRAConfig] = None) -> Dict[str, torch.Tensor]:
+    """The adapter's tensors (detached, sharing storage with the model) under PEFT's file keys.
+
+    Holds lora_A / lora_B of every FusedLoRALinear; with `config`, also the biases and modules_to_save
+    parameters it trains.
+    """
+    lora_paths = {path for path, _ in lora_layers(model)}
+    return {_file_key(name, lora_paths): p.detach() for name, p in _saved_parameters(model, config).items()}
+
+
+def _listing(keys) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:12])
+    return shown + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
+
+
+@torch.no_grad()
+def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, strict: bool = True,
+                         config: Optional[LoRAConfig] = None) -> LoadResult:
+    """Copy an adapter state dict (lorafuse's or PEFT's keys, with or without "base_model.model.") into
+    `model`'s FusedLoRALinear layers (and, with `config`, its trained biases and modules_to_save).
+
+    Shape mismatches always raise ValueError, as do missing or unexpected keys when `strict`; nothing is
+    copied unless every check passes. Merged layers are unmerged for the copy and merged again.
+    """
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    expected = _saved_parameters(model, config)
+    incoming = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+        name = _model_key(key)
+        if name in incoming:
+            raise ValueError(f"state_dict has two keys for {name!r}: {incoming[name][0]!r} and {key!r}")
+        incoming[name] = (key, value)
+    lora_paths = {path for path, _ in lora_layers(model)}
+    missing = [_file_key(name, lora_paths) for name in expected if name not in incoming]
+    unexpected = [key for name, (key, _) in incoming.items() if name not in expected]
+    if strict and (missing or unexpected):
+        problems = []
+        if missing:
+            problems.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_listing(unexpected)}")
+        raise ValueError(f"adapter state dict does not fit the model ({len(expected)} adapter tensors): "
+                         + "; ".join(problems))
+    mismatched = [f"{key}: file {tuple(value.shape)}, model {tuple(expected[name].shape)}"
+                  for name, (key, value) in incoming.items()
+                  if name in expected and value.shape != expected[name].shape]
+    if mismatched:
+        raise ValueError("adapter shapes do not match the model (a different r or base model?): "
+                         + "; ".join(mismatched))
+    merged = [layer for _, layer in lora_layers(model) if layer.merged]
+    for layer in merged:
+        layer.unmerge()
+    for name, (_, value) in incoming.items():
+        if name in expected:
+            expected[name].copy_(value)
+    for layer in merged:
+        layer.merge()
+    return LoadResult(missing_keys=missing, unexpected_keys=unexpected)
+
+
+def _base_model_name(model: nn.Module) -> Optional[str]:
+    for owner in (getattr(model, "config", None), model):
+        name = getattr(owner, "_name_or_path", None) or getattr(owner, "name_or_path", None)
+        if isinstance(name, str) and name:
+            return name
+    return None
+
+
+def adapter_config_dict(model: nn.Module, config: LoRAConfig) -> dict:
+    """The adapter_config.json content for `model` adapted by `config`, with the fields PEFT reads.
+
+    target_modules and modules_to_save are written as the full paths lorafuse resolved, so PEFT adapts
+    exactly the same modules whatever rule (defaults, regex, all-linear, layer indices) picked them.
+    """
+    layers = lora_layers(model)
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": _base_model_name(model),
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "target_modules": [path for path, _ in layers],
+        "exclude_modules": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "use_rslora": config.use_rslora,
+        "bias": config.bias,
+        "modules_to_save": find_modules_to_save(model, config) or None,
+        "rank_pattern": dict(config.rank_pattern),
+        "alpha_pattern": dict(config.alpha_pattern),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+
+
+def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> LoRAConfig:
+    """The LoRAConfig an adapter_config.json (lorafuse's or PEFT's) describes."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
+    if data.get("peft_type") != "LORA":
+        raise ValueError(f"{source} has peft_type={data.get('peft_type')!r}; lorafuse loads LoRA adapters "
+                         "(peft_type 'LORA') only")
+    used = [name for name in _UNSUPPORTED if data.get(name)]
+    if used:
+        raise ValueError(f"{source} uses {', '.join(used)}, which lorafuse does not implement")
+    if "r" not in data:
+        raise ValueError(f"{source} has no 'r'")
+    layers_pattern = data.get("layers_pattern") or None
+    try:
+        return LoRAConfig(
+            r=data["r"], lora_alpha=data.get("lora_alpha", 8), lora_dropout=data.get("lora_dropout", 0.0),
+            target_modules=data.get("target_modules"), exclude_modules=data.get("exclude_modules"),
+            layers_to_transform=data.get("layers_to_transform"),
+            layers_pattern=layers_pattern if data.get("layers_to_transform") is not None else None,
+            use_rslora=data.get("use_rslora", False), bias=data.get("bias", "none"),
+            modules_to_save=data.get("modules_to_save"), rank_pattern=data.get("rank_pattern"),
+            alpha_pattern=data.get("alpha_pattern"))
+    except ValueError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def _adapter_file(path, name: str) -> str:
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"adapter directory {path!r} does not exist")
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        hint = ""
+        if name == ADAPTER_WEIGHTS and os.path.isfile(os.path.join(path, "adapter_model.bin")):
+            hint = (" (it has adapter_model.bin, a pickle file, which lorafuse does not load: re-save it with "
+                    "PEFT's save_pretrained(..., safe_serialization=True))")
+        raise FileNotFoundError(f"{path!r} has no {name}{hint}")
+    return file
+
+
+def read_adapter_config(path) -> LoRAConfig:
+    """The LoRAConfig of the adapter saved in directory `path`."""
+    file = _adapter_file(path, ADAPTER_CONFIG)
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    return config_from_adapter_dict(data, source=file)
+
+
+def read_adapter_weights(path) -> Dict[str, torch.Tensor]:
+    """The tensors of `path`/adapter_model.safetensors, on CPU."""
+    file = _adapter_file(path, ADAPTER_WEIGHTS)
+    with open(file, "rb") as f:
+        data = f.read()
+    try:
+        return safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{file} is not a readable safetensors file ({len(data)} bytes): {err}") from None
+
+
+def _atomic_write(file: str, write: Callable[[object], None]) -> None:
+    """Write `file` through a temporary file in the same directory, then rename it into place, so that a
+    crash or interrupt leaves either the old file or the new one, never a part."""
+    directory = os.path.dirname(file) or "."
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(file)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, file)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
+    """Write the adapter of `model` (adapted by `config`) to directory `path` in PEFT's layout.
+
+    The weights file is written first, then the config, each atomically: re-saving a run's adapter
+    (same config) can never leave a half-written file behind.
+    """
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    if not lora_layers(model):
+        raise ValueError(f"{type(model).__name__} has no FusedLoRALinear layers: nothing to save")
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    # Copies on CPU: safetensors refuses tensors that share storage (tied modules_to_save weights).
+    tensors = {key: value.to("cpu", copy=True).contiguous()
+               for key, value in lora_state_dict(model, config=config).items()}
+    weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    text = json.dumps(adapter_config_dict(model, config), indent=2, sort_keys=True) + "\n"
+    _atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
+    _atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(text.encode("utf-8")))
+
+
+def _check_scaling(model: nn.Module, file_config: LoRAConfig, source: str) -> None:
+    """Refuse an adapter trained with another scaling than the model's layers use: its weights would load
+    without error and give other outputs."""
+    wrong = []
+    for path, layer in lora_layers(model):
+        r = pattern_value(file_config.rank_pattern, path, file_config.r)
+        alpha = pattern_value(file_config.alpha_pattern, path, file_config.lora_alpha)
+        scaling = lora_scaling(r, alpha, file_config.use_rslora)
+        if r == layer.r and abs(scaling - layer.scaling) > 1e-6 * abs(layer.scaling):
+            wrong.append(f"{path}: adapter scaling {scaling:g} (lora_alpha={alpha:g}, use_rslora="
+                         f"{file_config.use_rslora}), model {layer.scaling:g} (lora_alpha={layer.lora_alpha:g}, "
+                         f"use_rslora={layer.use_rslora})")
+    if wrong:
+        raise ValueError(f"{source} was trained with another scaling; build the model from the adapter's own "
+                         f"config (LoRAModel.from_pretrained) instead: {'; '.join(wrong[:8])}"
+                         + (f"; ... ({len(wrong) - 8} more)" if len(wrong) > 8 else ""))
+
+
+def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
+    """Load the adapter in directory `path` (written by lorafuse or PEFT) into `model` adapted by `config`.
+
+    Raises ValueError listing missing or unexpected keys, shape mismatches, or layers whose scaling differs
+    from the adapter's; FileNotFoundError when a file is absent.
+    """
+    file_config = read_adapter_config(path)
+    state_dict = read_adapter_weights(path)
+    _check_scaling(model, file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
+    load_lora_state_dict(model, state_dict, strict=True, config=config)

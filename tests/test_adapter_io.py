@@ -1,0 +1,222 @@
+"""Adapters on disk: PEFT's layout, round trips, atomic writes, and the files and state dicts refused."""
+
+import json
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
+
+from lorafuse import LoRAConfig, LoRAModel, get_lora_model, load_lora_state_dict, lora_state_dict, read_adapter_config
+from lorafuse.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+
+def _adapted(build=tiny_llama, config=None, seed=1):
+    lora_model = get_lora_model(build(), config or LoRAConfig(r=4))
+    randomize_adapters(lora_model, seed=seed)
+    return lora_model
+
+
+def test_state_dict_uses_peft_keys_and_holds_only_adapter_tensors():
+    lora_model = _adapted()
+    state = lora_state_dict(lora_model.base_model)
+    assert len(state) == 16
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in state
+    layer = lora_model.base_model.model.layers[1].self_attn.v_proj
+    assert state["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"].data_ptr() == \
+        layer.lora_B.data_ptr()
+    assert not any(".weight" in key and "lora_" not in key for key in state)
+
+
+def test_saved_files_have_peft_layout_and_config_fields(tmp_path):
+    lora_model = _adapted(tiny_gpt2, LoRAConfig(r=4, lora_alpha=8, target_modules=["c_attn"], bias="lora_only",
+                                                 modules_to_save=["ln_f"], rank_pattern={"h.1.attn.c_attn": 2}))
+    lora_model.save_adapter(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]  # no temporary files left
+    tensors = safetensors.torch.load_file(tmp_path / ADAPTER_WEIGHTS)
+    assert {key: tuple(value.shape) for key, value in tensors.items()} == {
+        "base_model.model.transformer.h.0.attn.c_attn.lora_A.weight": (4, 32),
+        "base_model.model.transformer.h.0.attn.c_attn.lora_B.weight": (96, 4),
+        "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias": (96,),
+        "base_model.model.transformer.h.1.attn.c_attn.lora_A.weight": (2, 32),
+        "base_model.model.transformer.h.1.attn.c_attn.lora_B.weight": (96, 2),
+        "base_model.model.transformer.h.1.attn.c_attn.base_layer.bias": (96,),
+        "base_model.model.transformer.ln_f.weight": (32,),
+        "base_model.model.transformer.ln_f.bias": (32,),
+    }
+    config = json.loads((tmp_path / ADAPTER_CONFIG).read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8.0
+    assert config["target_modules"] == ["transformer.h.0.attn.c_attn", "transformer.h.1.attn.c_attn"]
+    assert config["fan_in_fan_out"] is True and config["bias"] == "lora_only" and config["use_rslora"] is False
+    assert config["modules_to_save"] == ["transformer.ln_f"] and config["rank_pattern"] == {"h.1.attn.c_attn": 2}
+    assert config["lora_dropout"] == 0.0 and "base_model_name_or_path" in config
+
+
+def test_base_model_name_is_recorded_when_known(tmp_path):
+    lora_model = _adapted()
+    lora_model.config._name_or_path = "org/tiny-llama"
+    lora_model.save_adapter(tmp_path)
+    assert json.loads((tmp_path / ADAPTER_CONFIG).read_text())["base_model_name_or_path"] == "org/tiny-llama"
+
+
+def test_round_trip_restores_outputs_and_extra_parameters(tmp_path):
+    config = LoRAConfig(r=4, target_modules=["c_attn", "mlp.c_proj"], bias="lora_only", modules_to_save=["ln_f"])
+    source = _adapted(tiny_gpt2, config)
+    with torch.no_grad():
+        source.base_model.transformer.ln_f.weight.mul_(1.5)
+        source.base_model.transformer.h[1].attn.c_attn.bias.add_(0.25)
+    source.save_adapter(tmp_path)
+    tokens = token_batch()
+    with torch.no_grad():
+        expected = logits(source(tokens))
+        fresh = get_lora_model(tiny_gpt2(), config)
+        assert (logits(fresh(tokens)) - expected).abs().max() > 1e-3
+        fresh.load_adapter(tmp_path)
+        torch.testing.assert_close(logits(fresh(tokens)), expected, rtol=0, atol=0)
+        loaded = LoRAModel.from_pretrained(tiny_gpt2(), tmp_path)
+        torch.testing.assert_close(logits(loaded(tokens)), expected, rtol=0, atol=0)
+    assert loaded.trainable_parameters() == []
+    assert LoRAModel.from_pretrained(tiny_gpt2(), tmp_path, is_trainable=True).trainable_parameters()
+
+
+def test_loading_into_a_merged_model_replaces_the_merged_adapter(tmp_path):
+    _adapted(seed=1).save_adapter(tmp_path)
+    tokens = token_batch()
+    target = _adapted(seed=2).merge()
+    target.load_adapter(tmp_path)
+    assert all(layer.merged for _, layer in target.lora_layers())
+    with torch.no_grad():
+        torch.testing.assert_close(logits(target(tokens)), logits(_adapted(seed=1)(tokens)), rtol=1e-5, atol=1e-5)
+
+
+def test_read_adapter_config_rebuilds_the_config(tmp_path):
+    config = LoRAConfig(r=4, lora_alpha=32, lora_dropout=0.1, use_rslora=True, alpha_pattern={"q_proj": 8})
+    _adapted(config=config).save_adapter(tmp_path)
+    loaded = read_adapter_config(tmp_path)
+    assert (loaded.r, loaded.lora_alpha, loaded.lora_dropout, loaded.use_rslora) == (4, 32.0, 0.1, True)
+    assert loaded.alpha_pattern == {"q_proj": 8.0} and len(loaded.target_modules) == 8
+
+
+def test_interrupted_save_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    _adapted(seed=1).save_adapter(tmp_path)
+    good = (tmp_path / ADAPTER_WEIGHTS).read_bytes()
+
+    def crash(fd):
+        raise KeyboardInterrupt  # as if the job were killed mid-write
+
+    monkeypatch.setattr(os, "fsync", crash)
+    with pytest.raises(KeyboardInterrupt):
+        _adapted(seed=2).save_adapter(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / ADAPTER_WEIGHTS).read_bytes() == good
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+    get_lora_model(tiny_llama(), LoRAConfig(r=4)).load_adapter(tmp_path)
+
+
+def test_loading_never_unpickles(tmp_path, monkeypatch):
+    _adapted().save_adapter(tmp_path)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("pickle-based loading was used")
+
+    monkeypatch.setattr(torch, "load", forbidden)
+    monkeypatch.setattr("pickle.load", forbidden)
+    monkeypatch.setattr("pickle.loads", forbidden)
+    get_lora_model(tiny_llama(), LoRAConfig(r=4)).load_adapter(tmp_path)
+
+
+def test_pickle_only_adapters_are_refused(tmp_path):
+    (tmp_path / ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x04pickle")
+    with pytest.raises(FileNotFoundError, match="adapter_model.bin, a pickle file, which lorafuse does not load"):
+        get_lora_model(tiny_llama(), LoRAConfig(r=4)).load_adapter(tmp_path)
+
+
+def test_missing_directory_and_files_are_named(tmp_path):
+    lora_model = get_lora_model(tiny_llama(), LoRAConfig(r=4))
+    with pytest.raises(FileNotFoundError, match="adapter directory .*nowhere' does not exist"):
+        lora_model.load_adapter(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="has no adapter_config.json"):
+        lora_model.load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_corrupt_weights_are_rejected(tmp_path, damage):
+    _adapted().save_adapter(tmp_path)
+    file = tmp_path / ADAPTER_WEIGHTS
+    data = file.read_bytes()
+    file.write_bytes({"truncate": data[: len(data) // 2], "garbage": b"\x00" * 64, "empty": b""}[damage])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is not a readable safetensors file"):
+        get_lora_model(tiny_llama(), LoRAConfig(r=4)).load_adapter(tmp_path)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "adapter_config.json is not valid JSON"),
+    ("[1, 2]", "must hold a JSON object, got list"),
+    (json.dumps({"peft_type": "PREFIX_TUNING", "r": 4}), "peft_type='PREFIX_TUNING'; lorafuse loads LoRA adapters"),
+    (json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}), "uses use_dora, which lorafuse does not implement"),
+    (json.dumps({"peft_type": "LORA"}), "has no 'r'"),
+    (json.dumps({"peft_type": "LORA", "r": 0}), "adapter_config.json: r must be a positive int, got 0"),
+    (json.dumps({"peft_type": "LORA", "r": 4, "bias": "some"}), "bias must be one of"),
+])
+def test_bad_configs_are_rejected(tmp_path, content, message):
+    _adapted().save_adapter(tmp_path)
+    (tmp_path / ADAPTER_CONFIG).write_text(content)
+    with pytest.raises(ValueError, match=message):
+        get_lora_model(tiny_llama(), LoRAConfig(r=4)).load_adapter(tmp_path)
+
+
+def test_an_adapter_for_other_modules_lists_missing_and_unexpected_keys(tmp_path):
+    _adapted(config=LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])).save_adapter(tmp_path)
+    target = get_lora_model(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    with pytest.raises(ValueError, match=r"missing keys: base_model\.model\.model\.layers\.0\.self_attn\.k_proj"
+                                         r"\.lora_A\.weight.*unexpected keys: base_model\.model\.model\.layers\.0"
+                                         r"\.self_attn\.v_proj"):
+        target.load_adapter(tmp_path)
+
+
+def test_an_adapter_of_another_rank_lists_shape_mismatches(tmp_path):
+    _adapted(config=LoRAConfig(r=4, lora_alpha=8)).save_adapter(tmp_path)
+    target = get_lora_model(tiny_llama(), LoRAConfig(r=2, lora_alpha=4))
+    before = [p.clone() for p in target.trainable_parameters()]
+    with pytest.raises(ValueError, match=r"shapes do not match.*q_proj\.lora_A\.weight: file \(4, 32\), "
+                                         r"model \(2, 32\)"):
+        target.load_adapter(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(before, target.trainable_parameters()))  # nothing half-loaded
+
+
+def test_an_adapter_with_another_scaling_is_refused(tmp_path):
+    _adapted(config=LoRAConfig(r=4, lora_alpha=32)).save_adapter(tmp_path)
+    with pytest.raises(ValueError, match=r"another scaling.*q_proj: adapter scaling 8 \(lora_alpha=32"):
+        get_lora_model(tiny_llama(), LoRAConfig(r=4, lora_alpha=16)).load_adapter(tmp_path)
+
+
+def test_load_state_dict_strictness_and_key_spellings():
+    source = _adapted(seed=3).base_model
+    state = lora_state_dict(source)
+    target = get_lora_model(tiny_llama(), LoRAConfig(r=4)).base_model
+    # Keys without PEFT's prefix name the same tensors.
+    bare = {key.removeprefix("base_model.model."): value for key, value in state.items()}
+    result = load_lora_state_dict(target, bare)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert all(torch.equal(a, b) for a, b in zip(lora_state_dict(target).values(), state.values()))
+    partial = dict(list(state.items())[:3])
+    partial["base_model.model.model.norm.weight"] = torch.ones(32)
+    with pytest.raises(ValueError, match=r"\(16 adapter tensors\): missing keys: .*\(1 more\); unexpected keys: "
+                                         r"base_model\.model\.model\.norm\.weight"):
+        load_lora_state_dict(target, partial)
+    result = load_lora_state_dict(target, partial, strict=False)
+    assert len(result.missing_keys) == 13 and result.unexpected_keys == ["base_model.model.model.norm.weight"]
+    duplicated = dict(state, **{next(iter(bare)): next(iter(state.values()))})
+    with pytest.raises(ValueError, match="two keys for"):
+        load_lora_state_dict(target, duplicated)
+    with pytest.raises(TypeError, match="must be a tensor, got list"):
+        load_lora_state_dict(target, {next(iter(state)): [1.0]})
+
+
+def test_saving_a_model_without_adapters_is_refused(tmp_path):
+    from lorafuse.adapter_io import save_adapter
+
+    with pytest.raises(ValueError, match="has no FusedLoRALinear layers"):
+        save_adapter(tiny_llama(), tmp_path, config=LoRAConfig())
