@@ -180,13 +180,15 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
         raise ValueError(f"{source} uses {', '.join(used)}, which lorafuse does not implement")
     if "r" not in data:
         raise ValueError(f"{source} has no 'r'")
-    layers_pattern = data.get("layers_pattern") or None
+    # PEFT treats an empty list as "no layer restriction"; 0 alone is block 0, so test for [] explicitly.
+    layers = data.get("layers_to_transform")
+    layers = None if layers == [] else layers
+    layers_pattern = (data.get("layers_pattern") or None) if layers is not None else None
     try:
         return LoRAConfig(
             r=data["r"], lora_alpha=data.get("lora_alpha", 8), lora_dropout=data.get("lora_dropout", 0.0),
             target_modules=data.get("target_modules"), exclude_modules=data.get("exclude_modules"),
-            layers_to_transform=data.get("layers_to_transform"),
-            layers_pattern=layers_pattern if data.get("layers_to_transform") is not None else None,
+            layers_to_transform=layers, layers_pattern=layers_pattern,
             use_rslora=data.get("use_rslora", False), bias=data.get("bias", "none"),
             modules_to_save=data.get("modules_to_save"), rank_pattern=data.get("rank_pattern"),
             alpha_pattern=data.get("alpha_pattern"))

@@ -220,3 +220,16 @@ def test_saving_a_model_without_adapters_is_refused(tmp_path):
 
     with pytest.raises(ValueError, match="has no FusedLoRALinear layers"):
         save_adapter(tiny_llama(), tmp_path, config=LoRAConfig())
+
+
+def test_peft_config_fields_map_onto_lorafuse_config():
+    from lorafuse.adapter_io import config_from_adapter_dict
+
+    peft_style = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], "layers_to_transform": 0,
+                  "layers_pattern": "", "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
+                  "modules_to_save": None, "exclude_modules": None, "bias": "none", "task_type": "CAUSAL_LM"}
+    assert config_from_adapter_dict(peft_style) == LoRAConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                              layers_to_transform=[0])
+    no_restriction = dict(peft_style, layers_to_transform=[], layers_pattern="layers")
+    assert config_from_adapter_dict(no_restriction).layers_to_transform is None
+    assert config_from_adapter_dict({"peft_type": "LORA", "r": 2}) == LoRAConfig(r=2, lora_alpha=8)
