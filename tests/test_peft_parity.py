@@ -99,16 +99,19 @@ def _count_kernel_calls(monkeypatch):
 
 
 @pytest.mark.parametrize(("build", "targets"), [(tiny_llama, "all-linear"), (tiny_gpt2, ["c_attn", "c_proj", "c_fc"])])
-def test_same_logits_and_adapter_gradients_as_peft(monkeypatch, build, targets):
-    lora_model = get_lora_model(build(), LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+def test_same_logits_and_adapter_gradients_as_peft(monkeypatch, device, build, targets):
+    # On `device`: the Triton kernels run interpreted on CPU, natively on a GPU.
+    lora_model = get_lora_model(build().to(device),
+                                LoRAConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
     randomize_adapters(lora_model)
-    peft_model = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
+    peft_model = get_peft_model(build().to(device),
+                                LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=targets))
     load_result = set_peft_model_state_dict(peft_model, lora_state_dict(lora_model.base_model))
     assert not [key for key in load_result.missing_keys if "lora_" in key] and not load_result.unexpected_keys
     lora_model.train()
     peft_model.train()
     calls = _count_kernel_calls(monkeypatch)
-    tokens = token_batch(batch=2, seq=8)
+    tokens = token_batch(batch=2, seq=8).to(device)
     fused_logits = logits(lora_model(tokens))
     peft_logits = logits(peft_model(input_ids=tokens))
     torch.testing.assert_close(fused_logits, peft_logits, rtol=1e-5, atol=1e-5)

@@ -101,7 +101,7 @@ def randomize_adapters(model: nn.Module, *, seed: int = 1, std: float = 0.1) -> 
 
     generator = torch.Generator().manual_seed(seed)
     for _, layer in lora_layers(model):
-        noise = torch.randn(layer.lora_B.shape, generator=generator) * std
+        noise = torch.randn(layer.lora_B.shape, generator=generator) * std  # on CPU: same values on any device
         layer.lora_B.copy_(noise)
 
 
