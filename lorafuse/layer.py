@@ -17,8 +17,10 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
 
 
 def _check_alpha(lora_alpha) -> None:
-    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    # Same rule as LoRAConfig: alpha <= 0 would silence or flip the adapter, never what a user means.
+    if (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha)
+            or lora_alpha <= 0):
+        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
 
 
 class FusedLoRALinear(nn.Module):
@@ -155,6 +157,9 @@ class FusedLoRALinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged and not self.adapter_enabled:
+            raise RuntimeError("FusedLoRALinear is merged, so its weight already holds the adapter and it cannot run "
+                               "the base alone: call unmerge() before disabling the adapter")
         if self.merged:
             if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
                 raise RuntimeError("FusedLoRALinear is merged, so its adapter gets no gradient: call unmerge() "

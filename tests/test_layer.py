@@ -105,6 +105,13 @@ def test_disabled_adapter_runs_the_base(device):
     torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.weight, layer.bias))
 
 
+def test_merged_layer_cannot_run_the_base_alone(device):
+    layer = _trained(device).eval().merge()
+    layer.adapter_enabled = False
+    with pytest.raises(RuntimeError, match="unmerge"):
+        layer(torch.randn(2, 24, device=device))
+
+
 def test_fan_in_fan_out_layout(device):
     layer = FusedLoRALinear(24, 18, r=4, fan_in_fan_out=True, device=device)
     nn.init.normal_(layer.lora_B)

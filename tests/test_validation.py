@@ -18,9 +18,9 @@ def test_bad_dropout(p):
         FusedLoRALinear(8, 8, lora_dropout=p)
 
 
-@pytest.mark.parametrize("alpha", [float("nan"), "16", None])
+@pytest.mark.parametrize("alpha", [float("nan"), "16", None, 0, -8.0])
 def test_bad_alpha(alpha):
-    with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number > 0"):
         FusedLoRALinear(8, 8, lora_alpha=alpha)
 
 
