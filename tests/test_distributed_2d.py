@@ -4,11 +4,12 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_workers
-from tiny_llama import adapter_of, block_tp_plan, build, tokens, train
+from tiny_llama import block_tp_plan, build, tokens, train
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
+from lorafuse import lora_state_dict
 from lorafuse.distributed import ColwiseLoRAParallel, RowwiseLoRAParallel, gather_lora_state_dict, shard_lora_model
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def _fsdp_tp_worker(rank, world_size):
     losses = train(model, local, reduce=_mean_over_ranks)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-5, rtol=1e-5)
 
-    expected = adapter_of(reference)
+    expected = lora_state_dict(reference)
     state = gather_lora_state_dict(model)
     assert state.keys() == expected.keys()
     for name, value in state.items():

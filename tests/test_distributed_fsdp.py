@@ -1,18 +1,18 @@
 """FSDP2 (`fully_shard`) over a lorafuse model, frozen base weights and adapters in the same groups:
 2 gloo processes on CPU against one process, plus the adapter saved from and loaded into shards."""
 
-import os
-
 import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_workers
-from tiny_llama import adapter_of, build, loss_fn, tokens, train
+from tiny_llama import build, lora_config, loss_fn, tokens, train
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, Shard
 
-from lorafuse.distributed import default_blocks, gather_lora_state_dict, load_lora_state_dict, shard_lora_model
+from lorafuse import lora_state_dict
+from lorafuse.adapter_io import read_adapter_weights
+from lorafuse.distributed import default_blocks, gather_lora_state_dict, load_adapter, save_adapter, shard_lora_model
 
 pytestmark = pytest.mark.slow
 
@@ -46,29 +46,25 @@ def _fsdp_worker(rank, world_size, directory):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-5, rtol=1e-5)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
-    # Saved whole from the shards: equal to the single-process adapter after the same training.
+    # Saved whole from the shards, in PEFT's files: equal to the single-process adapter after the same training.
     state = gather_lora_state_dict(model)
-    expected = adapter_of(reference)
+    expected = lora_state_dict(reference)
     assert state.keys() == expected.keys()
-    for name, value in state.items():
-        assert not isinstance(value, DTensor) and value.shape == expected[name].shape
-        torch.testing.assert_close(value, expected[name], atol=1e-5, rtol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
-    path = os.path.join(directory, "adapter.pt")
-    if rank == 0:
-        torch.save(state, path)
-    dist.barrier()
+    for key, value in state.items():
+        assert not isinstance(value, DTensor)
+        torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    save_adapter(model, directory, config=lora_config())
+    torch.testing.assert_close(read_adapter_weights(directory), state, rtol=0, atol=0)
 
     # Loaded into a fresh sharded model whose adapter started elsewhere: each rank keeps its own shard.
     fresh = shard_lora_model(build(seed=99), mesh)
-    load_lora_state_dict(fresh, torch.load(path))
+    load_adapter(fresh, directory, config=lora_config())
     check = tokens(2, 9, seed=50)
     with torch.no_grad():
-        reference_loss = loss_fn(reference, check)
-        loaded_loss = loss_fn(fresh, check)
-    torch.testing.assert_close(loaded_loss, reference_loss, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(loss_fn(fresh, check), loss_fn(reference, check), atol=1e-5, rtol=1e-5)
     local_A = fresh.layers[1].mlp.down_proj.lora_A.to_local()
-    full_A = expected["layers.1.mlp.down_proj.lora_A"]
-    torch.testing.assert_close(local_A, full_A.chunk(world_size)[rank])
+    full_A = expected["base_model.model.layers.1.mlp.down_proj.lora_A.weight"]
+    torch.testing.assert_close(local_A, full_A.chunk(world_size)[rank], atol=1e-5, rtol=1e-5)
 
 
 def test_fsdp2_matches_single_process_and_round_trips_the_adapter(tmp_path):

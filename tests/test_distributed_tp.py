@@ -11,12 +11,12 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import parallelize_module
 
-from lorafuse import FusedLoRALinear
+from lorafuse import FusedLoRALinear, lora_state_dict
 from lorafuse.distributed import (
     ColwiseLoRAParallel,
     RowwiseLoRAParallel,
+    distribute_lora_state_dict,
     gather_lora_state_dict,
-    load_lora_state_dict,
 )
 
 pytestmark = pytest.mark.slow
@@ -126,12 +126,14 @@ def _check_llama_block(rank, mesh):
 
     # The adapter leaves the sharded block whole and goes back into the shards.
     state = gather_lora_state_dict(sharded)
-    for name, tensor in state.items():
-        torch.testing.assert_close(tensor, reference.get_submodule(name.rpartition(".")[0]).get_parameter(
-            name.rpartition(".")[2]).detach())
-    fresh = parallelize_module(adapt(copy.deepcopy(reference), seed=99), mesh,
-                               block_tp_plan(ColwiseLoRAParallel, RowwiseLoRAParallel))
-    load_lora_state_dict(fresh, state)
+    expected = lora_state_dict(reference)
+    assert state.keys() == expected.keys()
+    for key, tensor in state.items():
+        assert not isinstance(tensor, DTensor)
+        torch.testing.assert_close(tensor, expected[key], rtol=0, atol=0)
+    torch.manual_seed(0)
+    fresh = parallelize_module(adapt(Block(), seed=99), mesh, block_tp_plan(ColwiseLoRAParallel, RowwiseLoRAParallel))
+    distribute_lora_state_dict(fresh, state)
     _close(fresh(x), y_ref, "block y after load", tol=1e-4)
 
 

@@ -9,7 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lorafuse import FusedLoRALinear
+from lorafuse import LoRAConfig, apply_lora
+from lorafuse.targeting import lora_layers
 
 HIDDEN, HEADS, INTERMEDIATE, VOCAB = 32, 4, 48, 64
 HEAD_DIM = HIDDEN // HEADS
@@ -92,20 +93,19 @@ def loss_fn(model, tokens):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
 
 
-def adapt(model, *, targets=ATTENTION + MLP, r=4, lora_alpha=8.0, lora_dropout=0.0, seed=7):
-    """Swap every nn.Linear named in `targets` for a FusedLoRALinear sharing its weights, freeze the rest,
-    and give B random values (it starts at zero) so the adapter changes outputs and A gets gradients."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-             if name in targets and isinstance(child, nn.Linear)]
+def lora_config(*, targets=ATTENTION + MLP, r=4, lora_alpha=8.0, lora_dropout=0.0):
+    return LoRAConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=list(targets))
+
+
+def adapt(model, *, seed=7, **options):
+    """`apply_lora` with `lora_config(**options)`, then random A and B (B starts at zero) from `seed`, so the
+    adapter changes outputs and A gets gradients."""
+    apply_lora(model, lora_config(**options))
     generator = torch.Generator().manual_seed(seed)
-    for parent, name, child in swaps:
-        layer = FusedLoRALinear.from_linear(child, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout)
-        with torch.no_grad():
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
             layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=generator) / layer.in_features ** 0.5)
-            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) / r ** 0.5)
-        setattr(parent, name, layer)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=generator) / layer.r ** 0.5)
     return model
 
 

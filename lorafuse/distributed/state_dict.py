@@ -1,91 +1,140 @@
-"""Adapter weights of a distributed model: gathered whole for saving, loaded back into the shards.
+"""Adapters of a distributed model: gathered whole for saving, distributed back into the shards on loading.
 
-Works the same for a plain model, DDP (its "module." prefix is dropped), FSDP2 and tensor-parallel
-DTensor parameters, so the dict has the keys of the single-device model. Only the adapters move: the
-frozen base weights are never gathered.
+The keys are those `lorafuse.lora_state_dict` gives for the same model on one device (PEFT's file keys,
+"base_model.model.<path>.lora_A.weight"), whether the model is plain, wrapped in DDP (its "module."
+prefix is dropped), torch.compile'd, a LoRAModel, sharded by FSDP2 or tensor-parallel. Only the adapter
+moves: the frozen base weights are never gathered.
 """
 
-from typing import Dict, Iterable, Tuple
+import json
+import os
+from typing import Dict, Optional
 
+import safetensors.torch
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from ..layer import FusedLoRALinear
+from .. import adapter_io
+from ..adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoadResult, lora_state_dict
+from ..config import LoRAConfig
+from ..model import LoRAModel
+from ..targeting import lora_layers
 
-_ADAPTER_PARAMS = ("lora_A", "lora_B")
 
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP wraps the model in .module; torch.compile in ._orig_mod. FSDP2 changes no names.
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model whose parameter paths an adapter file uses: without DDP's `.module`, torch.compile's
+    `._orig_mod` or LoRAModel's `.base_model` (FSDP2 and tensor parallelism rename nothing)."""
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+        elif isinstance(model, LoRAModel):
+            model = model.base_model
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
             model = model._orig_mod
         else:
             return model
 
 
-def adapter_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """lora_A / lora_B of every FusedLoRALinear, by their names in the unwrapped model."""
-    model = _unwrap(model)
-    params = {}
-    for prefix, module in model.named_modules():
-        if isinstance(module, FusedLoRALinear):
-            for name in _ADAPTER_PARAMS:
-                params[f"{prefix}.{name}" if prefix else name] = getattr(module, name)
-    if not params:
-        raise ValueError(f"{type(model).__name__} has no FusedLoRALinear layer, so no adapter to save or load")
-    return params
+def _targets(model: nn.Module, config: Optional[LoRAConfig]) -> Dict[str, torch.Tensor]:
+    if config is not None and not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig or None, got {type(config).__name__}")
+    model = unwrap(model)
+    if not lora_layers(model):
+        raise ValueError(f"{type(model).__name__} has no FusedLoRALinear layer, so no adapter to gather or load")
+    # Detached views that share storage with the parameters (DTensors where the model is sharded).
+    return lora_state_dict(model, config=config)
 
 
-def gather_lora_state_dict(model: nn.Module, *, device="cpu") -> Dict[str, torch.Tensor]:
-    """Full adapter tensors, on every rank, copied to `device`.
+def gather_lora_state_dict(model: nn.Module, *, config: Optional[LoRAConfig] = None,
+                           device="cpu") -> Dict[str, torch.Tensor]:
+    """The adapter as full tensors on `device`, on every rank, under `lorafuse.lora_state_dict`'s keys.
 
-    A collective when parameters are DTensors (FSDP2 or tensor parallel): every rank must call it.
+    With `config`, also the biases and modules_to_save it trains. A collective when parameters are
+    DTensors (FSDP2 or tensor parallel): every rank must call it.
     """
     state = {}
-    for name, param in adapter_parameters(model).items():
-        tensor = param.full_tensor() if isinstance(param, DTensor) else param
-        state[name] = tensor.detach().to(device, copy=True)
+    for key, tensor in _targets(model, config).items():
+        if isinstance(tensor, DTensor):
+            tensor = tensor.full_tensor()
+        state[key] = tensor.to(device, copy=True)
     return state
 
 
 @torch.no_grad()
-def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], *,
-                         strict: bool = True) -> Tuple[list, list]:
-    """Copy full adapter tensors (as `gather_lora_state_dict` returns them) into the model's parameters;
-    a sharded parameter takes only its own shard, with no communication. Every rank passes the full dict.
+def distribute_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, strict: bool = True,
+                               config: Optional[LoRAConfig] = None) -> LoadResult:
+    """Copy full adapter tensors (keys as `gather_lora_state_dict` gives them, "base_model.model." optional)
+    into the model; a sharded parameter takes its own shard, cut locally with no communication, so every
+    rank passes the whole dict.
 
-    Returns (missing_keys, unexpected_keys); with strict=True either raises a KeyError.
+    Returns (missing_keys, unexpected_keys). strict=True raises KeyError for either; a shape mismatch
+    always raises ValueError; nothing is copied unless every check passes.
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
-    params = adapter_parameters(model)
-    missing = sorted(params.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - params.keys())
+    targets = _targets(model, config)
+    incoming = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+        incoming[key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key] = value
+    missing = sorted(targets.keys() - incoming.keys())
+    unexpected = sorted(incoming.keys() - targets.keys())
     if strict and (missing or unexpected):
-        raise KeyError(f"adapter state dict does not match the model: missing {_short(missing)}, "
+        raise KeyError(f"adapter state dict does not fit the model: missing {_short(missing)}, "
                        f"unexpected {_short(unexpected)}")
-    for name, param in params.items():
-        if name not in state_dict:
-            continue
-        full = state_dict[name]
-        if not isinstance(full, torch.Tensor) or tuple(full.shape) != tuple(param.shape):
-            shape = tuple(full.shape) if isinstance(full, torch.Tensor) else type(full).__name__
-            raise ValueError(f"{name}: the state dict holds {shape}, the model's parameter is {tuple(param.shape)}")
-        full = full.to(device=param.device, dtype=param.dtype)
-        if isinstance(param, DTensor):
-            # src_data_rank=None: each rank cuts its own shard from the full tensor it already has.
-            shard = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
-            param.to_local().copy_(shard.to_local())
+    shared = [key for key in targets if key in incoming]
+    wrong = [f"{key}: given {tuple(incoming[key].shape)}, model {tuple(targets[key].shape)}"
+             for key in shared if incoming[key].shape != targets[key].shape]
+    if wrong:
+        raise ValueError("adapter shapes do not match the model (another r or base model?): " + "; ".join(wrong))
+    for key in shared:
+        target = targets[key]
+        full = incoming[key].to(device=target.device, dtype=target.dtype)
+        if isinstance(target, DTensor):
+            # src_data_rank=None: each rank cuts its own shard from the full tensor it holds.
+            shard = distribute_tensor(full, target.device_mesh, target.placements, src_data_rank=None)
+            target.to_local().copy_(shard.to_local())
         else:
-            param.copy_(full)
-    return missing, unexpected
+            target.copy_(full)
+    return LoadResult(missing_keys=missing, unexpected_keys=unexpected)
 
 
-def _short(keys: Iterable[str], limit: int = 5) -> str:
-    keys = list(keys)
+def _is_writer() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
+    """`lorafuse.adapter_io.save_adapter` for a distributed model: every rank calls it (the adapter is
+    gathered), global rank 0 writes adapter_model.safetensors and adapter_config.json into `path` (PEFT's
+    layout), and all ranks return once the files are there."""
+    if not isinstance(config, LoRAConfig):
+        raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
+    state = gather_lora_state_dict(model, config=config)
+    if _is_writer():
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        weights = safetensors.torch.save({key: value.contiguous() for key, value in state.items()},
+                                         metadata={"format": "pt"})
+        text = json.dumps(adapter_io.adapter_config_dict(unwrap(model), config), indent=2, sort_keys=True) + "\n"
+        # Same atomic writes as the single-device save: a crash leaves the old file or the new one.
+        adapter_io._atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
+        adapter_io._atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(text.encode("utf-8")))
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
+    """`lorafuse.adapter_io.load_adapter` for a distributed model: every rank reads the files in `path`
+    and keeps its own shards. Raises as the single-device loader does (keys, shapes, scaling)."""
+    file_config = adapter_io.read_adapter_config(path)
+    state_dict = adapter_io.read_adapter_weights(path)
+    adapter_io._check_scaling(unwrap(model), file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
+    distribute_lora_state_dict(model, state_dict, strict=True, config=config)
+
+
+def _short(keys, limit: int = 5) -> str:
     shown = ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
     return f"[{shown}]" if keys else "none"
