@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from dist_harness import run_workers
-from tiny_llama import build, lora_config, loss_fn, tokens, train
+from tiny_llama import build, lora_config, lora_grads, loss_fn, tokens, train
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor, Shard
 
 from lorafuse import lora_state_dict
@@ -65,6 +65,36 @@ def _fsdp_worker(rank, world_size, directory):
     local_A = fresh.layers[1].mlp.down_proj.lora_A.to_local()
     full_A = expected["base_model.model.layers.1.mlp.down_proj.lora_A.weight"]
     torch.testing.assert_close(local_A, full_A.chunk(world_size)[rank], atol=1e-5, rtol=1e-5)
+
+
+def _fsdp_mixed_precision_worker(rank, world_size):
+    # fp16 compute with fp32 sharded parameters and fp32 gradient reduction: the fused layer sees the fp16
+    # unsharded parameters FSDP2 gathers, and the fp32 adapter gets fp32 gradients close to fp32 training's.
+    batch = tokens(2 * world_size, 9, seed=0)
+    reference = build()
+    reference_loss = loss_fn(reference, batch)
+    reference_loss.backward()
+    expected = lora_grads(reference)
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    policy = MixedPrecisionPolicy(param_dtype=torch.float16, reduce_dtype=torch.float32)
+    model = shard_lora_model(build(), mesh, mp_policy=policy)
+    seen = []
+    model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    loss = loss_fn(model, batch.chunk(world_size)[rank])
+    assert seen == [torch.float16]
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    torch.testing.assert_close(mean_loss / world_size, reference_loss.detach(), rtol=5e-3, atol=5e-3)
+    for name, grad in lora_grads(model).items():
+        assert grad.dtype == torch.float32, name
+        scale = expected[name].abs().max().item()
+        torch.testing.assert_close(grad, expected[name], rtol=0, atol=2e-2 * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_fsdp2_mixed_precision_policy():
+    run_workers(_fsdp_mixed_precision_worker, 2)
 
 
 def test_fsdp2_matches_single_process_and_round_trips_the_adapter(tmp_path):
