@@ -20,7 +20,9 @@ setup(
         "triton>=3.2; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4"],
+        # megatron-core: its real Column/RowParallelLinear are tested where it imports (Linux).
+        "test": ["pytest>=7", "transformers>=4.40", "peft>=0.10", "ruff>=0.4",
+                 "megatron-core>=0.16,<0.17; platform_system == 'Linux'"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.5", "peft>=0.10"],
     },
     entry_points={"console_scripts": ["lorafuse-bench=lorafuse.bench:main"]},

@@ -261,18 +261,25 @@ def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     if not lora_layers(model):
         raise ValueError(f"{type(model).__name__} has no FusedLoRALinear layers: nothing to save")
+    write_adapter_files(path, lora_state_dict(model, config=config), adapter_config_dict(model, config))
+
+
+def write_adapter_files(path, state_dict: dict, config_dict: dict) -> None:
+    """Write `state_dict` and `config_dict` into directory `path` as PEFT's two adapter files.
+
+    The weights file is written first, then the config, each atomically (`_atomic_write`).
+    """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     # Copies on CPU: safetensors refuses tensors that share storage (tied modules_to_save weights).
-    tensors = {key: value.to("cpu", copy=True).contiguous()
-               for key, value in lora_state_dict(model, config=config).items()}
+    tensors = {key: value.to("cpu", copy=True).contiguous() for key, value in state_dict.items()}
     weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    text = json.dumps(adapter_config_dict(model, config), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
     _atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
     _atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(text.encode("utf-8")))
 
 
-def _check_scaling(model: nn.Module, file_config: LoRAConfig, source: str) -> None:
+def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str) -> None:
     """Refuse an adapter trained with another scaling than the model's layers use: its weights would load
     without error and give other outputs."""
     wrong = []
@@ -298,5 +305,5 @@ def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     """
     file_config = read_adapter_config(path)
     state_dict = read_adapter_weights(path)
-    _check_scaling(model, file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
+    check_adapter_scaling(model, file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
     load_lora_state_dict(model, state_dict, strict=True, config=config)

@@ -42,7 +42,8 @@ class LoRALinearFunction(torch.autograd.Function):
         return (*ops.backward_grads(ctx, dy), None, None, None)
 
 
-def _draw_seed(device) -> torch.Tensor:
+def draw_seed(device) -> torch.Tensor:
+    """A one-element int64 dropout seed."""
     # From the device's default generator: torch.manual_seed reproduces it and checkpoint replays it.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
@@ -82,7 +83,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, trai
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
     if p > 0.0 and seed is None:
-        seed = _draw_seed(x.device)
+        seed = draw_seed(x.device)
     elif seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     else:

@@ -6,18 +6,16 @@ prefix is dropped), torch.compile'd, a LoRAModel, sharded by FSDP2 or tensor-par
 moves: the frozen base weights are never gathered.
 """
 
-import json
 import os
 from typing import Dict, Optional
 
-import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from .. import adapter_io
-from ..adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, LoadResult, lora_state_dict
+from ..adapter_io import ADAPTER_CONFIG, PEFT_PREFIX, LoadResult, lora_state_dict
 from ..config import LoRAConfig
 from ..model import LoRAModel
 from ..targeting import lora_layers
@@ -114,14 +112,8 @@ def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
     state = gather_lora_state_dict(model, config=config)
     if _is_writer():
-        path = os.fspath(path)
-        os.makedirs(path, exist_ok=True)
-        weights = safetensors.torch.save({key: value.contiguous() for key, value in state.items()},
-                                         metadata={"format": "pt"})
-        text = json.dumps(adapter_io.adapter_config_dict(unwrap(model), config), indent=2, sort_keys=True) + "\n"
-        # Same atomic writes as the single-device save: a crash leaves the old file or the new one.
-        adapter_io._atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
-        adapter_io._atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(text.encode("utf-8")))
+        # The single-device writer: PEFT's files, each written atomically.
+        adapter_io.write_adapter_files(path, state, adapter_io.adapter_config_dict(unwrap(model), config))
     if dist.is_initialized():
         dist.barrier()
 
@@ -131,7 +123,7 @@ def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     and keeps its own shards. Raises as the single-device loader does (keys, shapes, scaling)."""
     file_config = adapter_io.read_adapter_config(path)
     state_dict = adapter_io.read_adapter_weights(path)
-    adapter_io._check_scaling(unwrap(model), file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
+    adapter_io.check_adapter_scaling(unwrap(model), file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
     distribute_lora_state_dict(model, state_dict, strict=True, config=config)
 
 

@@ -35,7 +35,7 @@ from ..distributed.collectives import (
     reduce_scatter_first_dim,
     split_last_dim,
 )
-from ..function import _draw_seed, lora_linear
+from ..function import draw_seed, lora_linear
 from ..layer import lora_scaling
 from ..targeting import layer_index, matches_names, pattern_value
 
@@ -175,7 +175,7 @@ class MegatronLoRALinear(nn.Module):
             lora_B = all_reduce_in_backward(lora_B, group)
             if self.training and self.lora_dropout > 0.0:
                 # Each rank holds other input columns: its own mask stream (see distributed/sharded.py).
-                seed = _draw_seed(x.device) + dist.get_rank(group)
+                seed = draw_seed(x.device) + dist.get_rank(group)
         # No bias here: y is a partial sum until the reduction below.
         y = self._fused(x, None, self.lora_A, lora_B, seed)
         if self.tp_size > 1:
