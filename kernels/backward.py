@@ -21,7 +21,7 @@ import triton.language as tl
 
 from lorafuse.checks import check_lora_inputs
 
-from .common import _mma, dot_options, is_interpreted, rank_block, small_block
+from .common import _grouped_tile, _mma, dot_options, is_interpreted, rank_block, small_block
 from .dropout import _keep_mask, seed_tensor
 
 
@@ -81,14 +81,7 @@ def _lora_backward_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_k = tl.cdiv(K, BLOCK_K)
-    group_size = GROUP_M * num_pid_k
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_k = (pid % group_size) // group_m
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)

@@ -19,6 +19,18 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of program `pid` over an (M, N) grid of tiles, in the grouped order of the Triton
+    matmul tutorial: GROUP_M row blocks walk the columns together, so they share tiles in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
+
+
 def is_interpreted(kernel) -> bool:
     """Whether `kernel` was built by Triton's interpreter (TRITON_INTERPRET=1 at import time)."""
     return isinstance(kernel, InterpretedFunction)

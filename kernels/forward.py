@@ -15,7 +15,7 @@ import triton.language as tl
 
 from lorafuse.checks import check_lora_inputs
 
-from .common import _mma, dot_options, is_interpreted, rank_block, small_block
+from .common import _grouped_tile, _mma, dot_options, is_interpreted, rank_block, small_block
 from .dropout import _keep_mask, seed_tensor
 
 
@@ -40,15 +40,7 @@ def _lora_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped ordering (Triton matmul tutorial): GROUP_M row blocks share W tiles in L2.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % group_m
-    pid_n = (pid % group_size) // group_m
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)

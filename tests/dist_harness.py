@@ -59,3 +59,11 @@ def run_workers(fn, world_size, *args, timeout=180):
             for process in context.processes:
                 process.join(5)
             pytest.fail(f"{fn.__name__} with {world_size} processes did not finish within {timeout} s")
+
+
+def mean_over_ranks(tensor):
+    """The mean of `tensor` over all ranks (tensor-parallel ranks hold the same loss, so on a dp x tp
+    mesh this is the mean over the dp ranks)."""
+    tensor = tensor.clone()
+    dist.all_reduce(tensor)
+    return tensor / dist.get_world_size()

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-import torch.distributed as dist
-from dist_harness import run_workers
+from dist_harness import mean_over_ranks, run_workers
 from tiny_llama import block_tp_plan, build, tokens, train
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard
@@ -16,12 +15,6 @@ pytestmark = pytest.mark.slow
 
 STEPS = 2
 
-
-def _mean_over_ranks(tensor):
-    # Tensor-parallel ranks hold the same loss, so the mean over all ranks is the mean over dp ranks.
-    tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor / dist.get_world_size()
 
 
 def _fsdp_tp_worker(rank, world_size):
@@ -40,7 +33,7 @@ def _fsdp_tp_worker(rank, world_size):
 
     dp_rank = mesh.get_local_rank("dp")
     local = [batch.chunk(2)[dp_rank] for batch in batches]
-    losses = train(model, local, reduce=_mean_over_ranks)
+    losses = train(model, local, reduce=mean_over_ranks)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-5, rtol=1e-5)
 
     expected = lora_state_dict(reference)

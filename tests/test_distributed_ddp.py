@@ -3,8 +3,7 @@ process training on all of it."""
 
 import pytest
 import torch
-import torch.distributed as dist
-from dist_harness import run_workers
+from dist_harness import mean_over_ranks, run_workers
 from tiny_llama import adapter_of, build, tokens, train
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 from torch.nn.parallel import DistributedDataParallel
@@ -13,11 +12,6 @@ pytestmark = pytest.mark.slow
 
 STEPS = 2
 
-
-def _mean_over_ranks(tensor):
-    tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor / dist.get_world_size()
 
 
 def _ddp_worker(rank, world_size):
@@ -36,7 +30,7 @@ def _ddp_worker(rank, world_size):
     ddp.register_comm_hook(None, recording_hook)
     # Equal local batches: the mean of the ranks' token-mean losses is the global token mean.
     local = [batch.chunk(world_size)[rank] for batch in batches]
-    losses = train(ddp, local, reduce=_mean_over_ranks)
+    losses = train(ddp, local, reduce=mean_over_ranks)
 
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-5, rtol=1e-5)
     adapters = {id(p) for name, p in model.named_parameters() if name.endswith(("lora_A", "lora_B"))}

@@ -4,7 +4,7 @@
 import pytest
 import torch
 import torch.distributed as dist
-from dist_harness import run_workers
+from dist_harness import mean_over_ranks, run_workers
 from tiny_llama import build, lora_config, lora_grads, loss_fn, tokens, train
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy
@@ -18,11 +18,6 @@ pytestmark = pytest.mark.slow
 
 STEPS = 2
 
-
-def _mean_over_ranks(tensor):
-    tensor = tensor.clone()
-    dist.all_reduce(tensor)
-    return tensor / dist.get_world_size()
 
 
 def _fsdp_worker(rank, world_size, directory):
@@ -42,7 +37,7 @@ def _fsdp_worker(rank, world_size, directory):
     assert not q_proj.weight.requires_grad and q_proj.lora_A.requires_grad
 
     local = [batch.chunk(world_size)[rank] for batch in batches]
-    losses = train(model, local, reduce=_mean_over_ranks)
+    losses = train(model, local, reduce=mean_over_ranks)
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), atol=1e-5, rtol=1e-5)
     assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
 
