@@ -6,16 +6,19 @@ determined by the current one. Only the adapters train. The script prints the ad
 progress bar, checks that the merged model gives the adapted model's logits, and saves the adapter in
 PEFT's layout (adapter_config.json + adapter_model.safetensors).
 
-    python examples/finetune_tiny_llama.py --use-lora --lora-r 8 --lora-save-path /tmp/tiny-llama-lora
-    python examples/finetune_tiny_llama.py --use-lora --lora-load-path /tmp/tiny-llama-lora --steps 0
+    python examples/finetune_tiny_llama.py                  # LoRA r=8, adapter saved under the temp dir
+    python examples/finetune_tiny_llama.py --lora-r 4 --lora-save-path /tmp/tiny-llama-lora
+    python examples/finetune_tiny_llama.py --lora-load-path /tmp/tiny-llama-lora --steps 0
 
-Without --use-lora the whole model trains, for comparison. On CPU lorafuse runs its PyTorch path
+With --full-finetune the whole model trains instead, for comparison. On CPU lorafuse runs its PyTorch path
 (TRITON_INTERPRET=1 runs the Triton kernels through the interpreter instead, far slower); with
 --device cuda it runs the fused kernels.
 """
 
 import argparse
 import math
+import os
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     lorafuse.add_lora_arguments(parser)
+    # This example is about LoRA: on unless --full-finetune, and the adapter is always saved somewhere.
+    parser.add_argument("--full-finetune", dest="use_lora", action="store_false",
+                        help="train every parameter instead of LoRA adapters, for comparison")
+    parser.set_defaults(use_lora=True,
+                        lora_save_path=os.path.join(tempfile.gettempdir(), "lorafuse-tiny-llama-adapter"))
     return parser
 
 
