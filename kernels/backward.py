@@ -47,7 +47,7 @@ def _lora_backward_dy_kernel(
                      mask=in_m[:, None] & in_r[None, :], other=0.0)
     dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
+        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         in_n = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=in_m[:, None] & in_n[None, :], other=0.0)
@@ -97,7 +97,7 @@ def _lora_backward_dx_kernel(
     if COMPUTE_DX:
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
         for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
+            offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             in_n = offs_n < N
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                          mask=in_m[:, None] & in_n[None, :], other=0.0)

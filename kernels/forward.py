@@ -5,6 +5,9 @@ both the base product and the low-rank product `xa = dropout(x) @ A^T`; the epil
 `s * xa @ B^T` and the bias. Every N tile recomputes its row block's xa: that costs r/BLOCK_N extra
 MMA work (r=16, BLOCK_N=128: 12.5% of the base GEMM's MMA, but no extra pass over x and no second
 launch). Programs in the first N column also store xa, the one tensor the backward needs besides x.
+
+Row, column and K offsets are int64: a transposed weight view has stride N along K, so offset * stride
+passes 2^31 once N * K does, whatever M is.
 """
 
 import functools
@@ -54,7 +57,7 @@ def _lora_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     xa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         in_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
