@@ -1,13 +1,28 @@
 """Input validation shared by every backend, so a bad call fails the same way on any device."""
 
+import math
+import numbers
+
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_positive_number(name: str, value) -> float:
+    """A finite real > 0 (lora_alpha: zero or a negative value would silence or flip the adapter)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
 def check_rank(r) -> None:
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"r must be a positive int, got {r!r}")
+    check_positive_int("r", r)
 
 
 def check_dropout(dropout_p) -> None:

@@ -1,12 +1,10 @@
 """`LoRAConfig`: which layers of a model get an adapter, with which rank and scaling, and what else trains."""
 
 import dataclasses
-import math
-import numbers
 import re
 from typing import Dict, Optional, Sequence, Tuple, Union
 
-from .checks import check_dropout, check_rank
+from .checks import check_dropout, check_positive_int, check_positive_number
 
 #: `target_modules` shorthand for every linear layer except the output head (the name PEFT uses).
 ALL_LINEAR = "all-linear"
@@ -59,16 +57,7 @@ def _layer_indices(value) -> Union[None, Tuple[int, ...]]:
 
 
 def _positive_number(field: str, value, *, integer: bool):
-    if integer:
-        try:
-            check_rank(value)
-        except ValueError:
-            raise ValueError(f"{field} must be a positive int, got {value!r}") from None
-        return value
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or value <= 0):
-        raise ValueError(f"{field} must be a positive finite number, got {value!r}")
-    return float(value)
+    return check_positive_int(field, value) if integer else check_positive_number(field, value)
 
 
 def _pattern(field: str, value, *, integer: bool) -> Dict[str, Union[int, float]]:

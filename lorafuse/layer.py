@@ -1,26 +1,18 @@
 """`FusedLoRALinear`: a drop-in `nn.Linear` with a LoRA adapter computed by the fused kernels."""
 
 import math
-import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dropout, check_rank
+from .checks import check_dropout, check_positive_number, check_rank
 from .function import lora_linear
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
     """lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023)."""
     return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-
-
-def _check_alpha(lora_alpha) -> None:
-    # Same rule as LoRAConfig: alpha <= 0 would silence or flip the adapter, never what a user means.
-    if (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not math.isfinite(lora_alpha)
-            or lora_alpha <= 0):
-        raise ValueError(f"lora_alpha must be a finite number > 0, got {lora_alpha!r}")
 
 
 class FusedLoRALinear(nn.Module):
@@ -57,7 +49,7 @@ class FusedLoRALinear(nn.Module):
 
     def _init_lora(self, *, r, lora_alpha, lora_dropout, use_rslora):
         check_rank(r)
-        _check_alpha(lora_alpha)
+        check_positive_number("lora_alpha", lora_alpha)
         check_dropout(lora_dropout)
         self.r = r
         self.lora_alpha = float(lora_alpha)

@@ -20,7 +20,7 @@ def test_bad_dropout(p):
 
 @pytest.mark.parametrize("alpha", [float("nan"), "16", None, 0, -8.0])
 def test_bad_alpha(alpha):
-    with pytest.raises(ValueError, match="lora_alpha must be a finite number > 0"):
+    with pytest.raises(ValueError, match="lora_alpha must be a positive finite number"):
         FusedLoRALinear(8, 8, lora_alpha=alpha)
 
 
