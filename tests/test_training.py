@@ -27,11 +27,13 @@ def test_training_lowers_the_loss_and_changes_only_the_adapters():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], f"loss went {losses[0]:.3f} -> {losses[-1]:.3f}"
+    # The adapted layers keep the base parameters under their own names, so every base parameter is found
+    # by name, is frozen and holds its original value.
     adapters = {id(p) for p in lora_parameters(model)}
-    for name, p in model.named_parameters():
-        if id(p) in adapters:
-            continue
-        assert torch.equal(p, base[name.replace(".base_layer", "")]), f"{name} changed"
+    frozen = {name: p for name, p in model.named_parameters() if id(p) not in adapters}
+    assert frozen.keys() == base.keys()
+    for name, p in frozen.items():
+        assert not p.requires_grad and torch.equal(p, base[name]), f"{name} changed"
     assert all(not torch.equal(layer.lora_B, torch.zeros_like(layer.lora_B)) for _, layer in lora_model.lora_layers())
     lora_model.eval()
     with torch.no_grad():
