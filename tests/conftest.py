@@ -18,20 +18,21 @@ DEVICE = torch.device("cuda" if HAS_GPU else "cpu")
 #: Interpreted bf16 `tl.dot` is wrong in Triton 3.9 (DESIGN.md): bf16 is tested natively only.
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
 
-#: Small absolute slack per dtype, on top of "twice PyTorch's own error" (see assert_close_to_oracle).
-ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
-
 gpu = pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+
+# Imported only now: TRITON_INTERPRET must be set first. One definition of the tolerances and the rule,
+# shared with the benchmark's agreement check.
+from lorafuse.bench.compare import ATOL, oracle_error  # noqa: E402
+
+__all__ = ["ATOL", "DEVICE", "DTYPES", "HAS_GPU", "assert_close_to_oracle", "gpu"]
 
 
 def assert_close_to_oracle(actual, torch_same_dtype, oracle_fp64, *, name, dtype):
     """The kernel's error against the fp64 oracle is at most twice PyTorch's own error in the same
-    dtype, plus a small atol (the rule flash-attention's tests use)."""
-    oracle = oracle_fp64.double()
-    kernel_err = (actual.double() - oracle).abs().max().item()
-    torch_err = (torch_same_dtype.double() - oracle).abs().max().item()
-    bound = 2 * torch_err + ATOL[dtype] * max(1.0, oracle.abs().max().item())
-    assert kernel_err <= bound, f"{name}: kernel error {kernel_err:.3g} > bound {bound:.3g} (torch {torch_err:.3g})"
+    dtype, plus ATOL[dtype] * max(1, max |oracle|) (flash-attention's rule; `oracle_error`), and its shape
+    is the oracle's."""
+    problem = oracle_error(actual, torch_same_dtype, oracle_fp64, dtype=dtype)
+    assert problem is None, f"{name}: kernel {problem}"
 
 
 @pytest.fixture

@@ -204,3 +204,19 @@ def test_two_gemm_baseline_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda x, A, B: _AddmmLoRAFunction.apply(x, weight, bias, A, B, 0.7), inputs)
     # Beyond the parameters it keeps x alone: xa is recomputed in backward.
     assert saved_bytes(lambda: layer(x), x=x, module=layer) == (2 * 4 * 6 * 8, 0)
+
+
+def test_kernel_tests_and_the_benchmark_share_one_tolerance_rule():
+    import conftest
+
+    from lorafuse.bench import compare
+
+    assert conftest.ATOL is compare.ATOL
+    oracle = torch.ones(3, 4, dtype=torch.float64)
+    conftest.assert_close_to_oracle(torch.ones(3, 4), torch.ones(3, 4), oracle, name="y", dtype=torch.float32)
+    with pytest.raises(AssertionError, match=r"^y: kernel error 0\.001 > bound 1e-05"):
+        conftest.assert_close_to_oracle(torch.full((3, 4), 1.001, dtype=torch.float64), torch.ones(3, 4), oracle,
+                                        name="y", dtype=torch.float32)
+    # A (1, 4) result would broadcast against every row of the oracle: its shape alone fails it.
+    with pytest.raises(AssertionError, match=r"y: kernel has shape \(1, 4\), expected \(3, 4\)"):
+        conftest.assert_close_to_oracle(torch.ones(1, 4), torch.ones(3, 4), oracle, name="y", dtype=torch.float32)

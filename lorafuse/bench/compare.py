@@ -2,8 +2,9 @@
 
 Dropout makes outputs differ by construction, so the check runs with dropout off: every provider in eval
 mode (where each turns dropout off as nn.Dropout does) on identical weights and inputs, with autograd on.
-Each output and gradient is held to the rule the kernel tests use: its error against a float64 oracle is at
-most twice PyTorch's own error in the same dtype, plus a small tolerance relative to the output's size.
+Each output and gradient is held to the rule the kernel tests use (`oracle_error`, which tests/conftest.py
+imports): its error against a float64 oracle is at most twice PyTorch's own error in the same dtype, plus a
+small tolerance relative to the output's size.
 """
 
 from typing import Optional
@@ -13,8 +14,28 @@ import torch.nn.functional as F
 
 from ..reference import lora_linear as reference_lora_linear
 
-#: Slack relative to the largest |oracle| value, on top of twice PyTorch's error (tests/conftest.py's values).
-RELATIVE_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+#: Slack per dtype, times max(1, largest |oracle| value), on top of twice PyTorch's own error. The one table
+#: for both the benchmark's check and the kernel tests (tests/conftest.py imports it).
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
+
+
+def oracle_error(actual, torch_same_dtype, oracle, *, dtype) -> Optional[str]:
+    """None when `actual` is close enough to the float64 `oracle`, else why not ("error 0.1 > bound 0.01 ...").
+
+    The bound is flash-attention's rule: twice PyTorch's own error (`torch_same_dtype`, the same math in
+    `dtype`, against `oracle`) plus ATOL[dtype] * max(1, max |oracle|). A NaN fails, and so does a shape that
+    differs from the oracle's: broadcasting would compare a (1, N) result against every row of an (M, N) one.
+    """
+    for label, tensor in (("", actual), ("PyTorch's same-dtype result ", torch_same_dtype)):
+        if tuple(tensor.shape) != tuple(oracle.shape):
+            return f"{label}has shape {tuple(tensor.shape)}, expected {tuple(oracle.shape)}"
+    oracle = oracle.double()
+    error = (actual.double() - oracle).abs().max().item()
+    torch_error = (torch_same_dtype.double() - oracle).abs().max().item()
+    bound = 2 * torch_error + ATOL[dtype] * max(1.0, oracle.abs().max().item())
+    if not error <= bound:  # also catches NaN
+        return f"error {error:.3g} > bound {bound:.3g} (PyTorch's own error {torch_error:.3g})"
+    return None
 
 
 def expected_outputs(weights, x, dy, *, scaling, adapter, backward, dtype) -> dict:
@@ -72,12 +93,7 @@ def disagreement(actual, *, oracle, same_dtype, dtype) -> Optional[str]:
         if value is None:
             failures.append(f"{name} missing")
             continue
-        if tuple(value.shape) != tuple(expected.shape):
-            failures.append(f"{name} has shape {tuple(value.shape)}, expected {tuple(expected.shape)}")
-            continue
-        error = (value.double() - expected).abs().max().item()
-        torch_error = (same_dtype[name].double() - expected).abs().max().item()
-        bound = 2 * torch_error + RELATIVE_ATOL[dtype] * max(1.0, expected.abs().max().item())
-        if not error <= bound:  # also catches NaN
-            failures.append(f"{name} error {error:.3g} > bound {bound:.3g}")
+        problem = oracle_error(value, same_dtype[name], expected, dtype=dtype)
+        if problem is not None:
+            failures.append(f"{name} {problem}")
     return "; ".join(failures) or None
