@@ -220,3 +220,44 @@ def test_kernel_tests_and_the_benchmark_share_one_tolerance_rule():
     # A (1, 4) result would broadcast against every row of the oracle: its shape alone fails it.
     with pytest.raises(AssertionError, match=r"y: kernel has shape \(1, 4\), expected \(3, 4\)"):
         conftest.assert_close_to_oracle(torch.ones(1, 4), torch.ones(3, 4), oracle, name="y", dtype=torch.float32)
+
+
+def test_peak_memory_clears_stale_gradients_before_measuring(monkeypatch):
+    from lorafuse.bench import measure
+
+    x = torch.randn(4, requires_grad=True)
+    x.grad = torch.ones(4)  # left by the timed calls: it would count towards the peak
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: seen.update(at_reset=x.grad))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 100)
+
+    def step():
+        seen["in_step"] = x.grad
+
+    assert measure.peak_memory(step, device="cuda", grads=[x], baseline=30) == 70
+    assert seen == {"at_reset": None, "in_step": None}
+
+
+def test_run_hands_the_step_gradients_to_peak_memory(monkeypatch):
+    handed = []
+
+    def peak_memory(step, *, device, baseline, grads):
+        handed.append(len(grads))
+        return None
+
+    monkeypatch.setattr(run_module, "peak_memory", peak_memory)
+    config = Config(shapes=(Shape(9, 8, 6),), providers=("reference",), rank=2, warmup=0, repeats=1)
+    (record,) = run_module.run(config, progress=False)
+    assert record.status == "ok" and handed == [3]  # x, lora_A and lora_B
+
+
+def test_no_peft_ratio_for_a_variant_peft_did_not_time():
+    def record(provider, variant, median):
+        return Record(provider=provider, variant=variant, mode="infer", M=1, K=2, N=4, status="ok", median_ms=median)
+
+    records = [record("peft", "", 4.0), record("lorafuse", "", 2.0), record("lorafuse", "merged", 1.0)]
+    add_ratios(records)
+    # Merged lorafuse against unmerged PEFT would credit lorafuse with the merge itself.
+    assert [r.ratio_to_peft for r in records] == [1.0, 0.5, None]
+

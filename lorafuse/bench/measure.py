@@ -53,11 +53,16 @@ def _quantile(samples, q):
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def peak_memory(step, *, device, baseline) -> Optional[int]:
+def peak_memory(step, *, device, baseline, grads=()) -> Optional[int]:
     """The most bytes allocated while one `step()` runs, above `baseline` (what was allocated before the
-    provider was built: the shared inputs and master weights). None where torch tracks no allocations (CPU)."""
+    provider was built: the shared inputs and master weights). None where torch tracks no allocations (CPU).
+
+    `grads` (x and the adapter parameters, as make_step gives them) get .grad = None first: the timed calls
+    leave their gradients allocated, and a step that starts with them counts them on top of its own."""
     if torch.device(device).type != "cuda":
         return None
+    for tensor in grads:
+        tensor.grad = None
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()

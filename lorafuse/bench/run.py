@@ -137,7 +137,7 @@ def _measure(config, shape, provider, x, dy, expected, baseline, record):
     step, grads = make_step(provider.module, x, dy, mode=config.mode)
     timing = time_step(step, device=config.device, grads=grads, warmup=config.warmup, repeats=config.repeats)
     record.median_ms, record.p20_ms, record.p80_ms = timing
-    record.peak_bytes = peak_memory(step, device=config.device, baseline=baseline)
+    record.peak_bytes = peak_memory(step, device=config.device, baseline=baseline, grads=grads)
     record.flops = step_flops(shape, rank=config.rank, mode=config.mode, adapter=provider.has_adapter,
                               merged=record.variant == "merged")
     record.tflops = record.flops / (timing.median_ms * 1e-3) / 1e12
@@ -146,12 +146,13 @@ def _measure(config, shape, provider, x, dy, expected, baseline, record):
 
 def add_ratios(records) -> None:
     """ratio_to_base / ratio_to_peft: median time over that of `base` / `peft` on the same shape (and for
-    peft, the same variant, falling back to its unmerged row), where both were timed."""
+    peft, the same variant), where both were timed. A merged row gets no PEFT ratio when PEFT's merged row was
+    not timed: set against PEFT's unmerged time it would credit the merge to the provider."""
     timed = {(r.provider, r.variant, r.M, r.K, r.N): r.median_ms for r in records if r.median_ms is not None}
     for r in records:
         if r.median_ms is None:
             continue
         base = timed.get(("base", "", r.M, r.K, r.N))
-        peft = timed.get(("peft", r.variant, r.M, r.K, r.N), timed.get(("peft", "", r.M, r.K, r.N)))
+        peft = timed.get(("peft", r.variant, r.M, r.K, r.N))
         r.ratio_to_base = None if base is None else r.median_ms / base
         r.ratio_to_peft = None if peft is None else r.median_ms / peft
