@@ -261,3 +261,18 @@ def test_no_peft_ratio_for_a_variant_peft_did_not_time():
     # Merged lorafuse against unmerged PEFT would credit lorafuse with the merge itself.
     assert [r.ratio_to_peft for r in records] == [1.0, 0.5, None]
 
+
+def test_git_commit_is_recorded_only_for_lorafuse_own_checkout(monkeypatch, tmp_path):
+    import pathlib
+
+    import lorafuse
+    from lorafuse.bench import environment
+
+    checkout = pathlib.Path(lorafuse.__file__).resolve().parents[1]
+    answers = {("rev-parse", "HEAD"): "abc123", ("status", "--porcelain", "--untracked-files=no"): " M x.py"}
+    for toplevel, commit, dirty in ((str(checkout), "abc123", True), (str(tmp_path), None, None)):
+        # tmp_path: lorafuse installed inside another repository (a venv in a project), whose commit says
+        # nothing about lorafuse's code.
+        monkeypatch.setattr(environment, "_git", lambda *args, top=toplevel: answers.get(args, top))
+        described = environment.describe("cpu")
+        assert (described["git_commit"], described["git_dirty"]) == (commit, dirty)

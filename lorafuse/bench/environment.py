@@ -37,6 +37,10 @@ def _version(package) -> Optional[str]:
         return None
 
 
+#: The directory holding the lorafuse package: the root of a lorafuse checkout.
+_SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
 def _git(*args) -> Optional[str]:
     """`git args` run in lorafuse's source directory; None outside a checkout or without git."""
     try:
@@ -47,9 +51,18 @@ def _git(*args) -> Optional[str]:
     return done.stdout.strip()
 
 
+def _in_own_checkout() -> bool:
+    """Whether lorafuse runs from its own git checkout. An installed copy can sit inside some other repository
+    (a virtual environment in a project's tree), whose commit says nothing about lorafuse's code."""
+    toplevel = _git("rev-parse", "--show-toplevel")
+    return toplevel is not None and Path(toplevel).resolve() == _SOURCE_ROOT
+
+
 def describe(device) -> dict:
-    """The environment record written beside every measurement."""
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    """The environment record written beside every measurement. git_commit and git_dirty are None unless
+    lorafuse runs from its own checkout."""
+    own = _in_own_checkout()
+    status = _git("status", "--porcelain", "--untracked-files=no") if own else None
     return {
         "device": device_name(device),
         "device_type": torch.device(device).type,
@@ -60,7 +73,7 @@ def describe(device) -> dict:
         "peft": _version("peft"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": _git("rev-parse", "HEAD") if own else None,
         # Local changes make the commit an approximation of the code that ran.
         "git_dirty": None if status is None else bool(status),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
