@@ -104,3 +104,23 @@ def test_bad_options_exit_with_a_message_naming_them(argv, names, capsys):
         main([*argv, "--device", "cpu"])
     assert exc.value.code == 2
     assert names in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--alpha", "0"], "argument --alpha: must be a positive number, got '0'"),
+    (["--alpha", "-2"], "argument --alpha: must be a positive number, got '-2'"),
+    (["--alpha", "inf"], "argument --alpha: must be finite, got 'inf'"),
+    (["--rank", "-1"], "argument --rank: must be a positive integer, got '-1'"),
+    (["--rank", "2.5"], "argument --rank: must be a positive integer, got '2.5'"),
+    (["--dropout", "-0.1"], "argument --dropout: must be in [0, 1), got '-0.1'"),
+    (["--dropout", "1"], "argument --dropout: must be in [0, 1), got '1'"),
+    (["--tokens", "0"], "argument --tokens: must be a positive integer, got '0'"),
+    (["--repeats", "0"], "argument --repeats: must be a positive integer, got '0'"),
+    (["--warmup", "-1"], "argument --warmup: must be a non-negative integer, got '-1'"),
+])
+def test_numeric_options_are_checked_by_the_parser(argv, message, capsys):
+    from lorafuse.bench.cli import build_parser
+
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err

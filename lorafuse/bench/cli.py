@@ -46,6 +46,14 @@ def _finite_float(text):
     return value
 
 
+def _positive_float(text):
+    value = _finite_float(text)
+    if value <= 0:
+        # alpha 0 silences the adapter (scaling 0) and a negative one flips it: neither is a LoRA layer.
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
 def _dropout(text):
     value = _finite_float(text)
     if not 0.0 <= value < 1.0:
@@ -64,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=_positive_int,
                         help="M for presets: batch x sequence (default 8192 on a GPU, 512 on a CPU)")
     parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default 16)")
-    parser.add_argument("--alpha", type=_finite_float, default=32.0,
-                        help="lora_alpha; scaling is alpha / r (default 32)")
+    parser.add_argument("--alpha", type=_positive_float, default=32.0,
+                        help="lora_alpha > 0; scaling is alpha / r (default 32)")
     parser.add_argument("--dropout", type=_dropout, default=0.0, help="lora_dropout in [0, 1) (default 0)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on a CPU")
     parser.add_argument("--mode", choices=MODES, default="train",
