@@ -19,10 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafuse.checks import check_lora_inputs
+from lorafuse.checks import check_lora_inputs, seed_tensor
 
-from .common import _grouped_tile, _mma, dot_options, is_interpreted, rank_block, small_block
-from .dropout import _keep_mask, seed_tensor
+from .common import _grouped_tile, _mma, device_guard, dot_options, is_interpreted, rank_block, small_block
+from .dropout import _keep_mask
 
 
 @triton.jit
@@ -193,7 +193,8 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
         _lora_backward_dy_kernel[(triton.cdiv(M, block_m),)](*dy_args, **dy_meta, BLOCK_M=block_m,
                                                              BLOCK_N=small_block(N))
     else:
-        _tuned_dy_kernel()[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*dy_args, **dy_meta)
+        with device_guard(x):
+            _tuned_dy_kernel()[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*dy_args, **dy_meta)
 
     if needs_dx or needs_dA:
         dx_args = (dy, weight, lora_A, x, dxa, dx if dx is not None else unused, da if da is not None else unused,
@@ -212,7 +213,8 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
         else:
             def grid(config):
                 return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(K, config["BLOCK_K"]),)
-            _tuned_dx_kernel()[grid](*dx_args, **dx_meta)
+            with device_guard(x):
+                _tuned_dx_kernel()[grid](*dx_args, **dx_meta)
     return dx, _cast(da, lora_A.dtype), _cast(db, lora_B.dtype)
 
 

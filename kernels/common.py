@@ -1,5 +1,7 @@
 """Pieces every LoRA kernel shares: the tile product and the choice of tile sizes."""
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -29,6 +31,12 @@ def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
     first_m = (pid // group_size) * GROUP_M
     group_m = min(num_pid_m - first_m, GROUP_M)
     return first_m + (pid % group_size) % group_m, (pid % group_size) // group_m
+
+
+def device_guard(tensor: torch.Tensor):
+    """Make `tensor`'s GPU current for a launch: Triton launches on the current device and stream, not
+    the tensor's, so a layer on cuda:1 (device_map="auto") would otherwise run on cuda:0."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
 def is_interpreted(kernel) -> bool:

@@ -9,6 +9,10 @@ import torch
 import triton
 import triton.language as tl
 
+from lorafuse.checks import check_dropout, seed_tensor
+
+from .common import device_guard
+
 
 @triton.jit
 def _keep_mask(seed, offs_m, offs_k, K, dropout_p):
@@ -34,24 +38,12 @@ def _dropout_mask_kernel(
     tl.store(ptrs, keep.to(tl.int8), mask=in_bounds)
 
 
-def seed_tensor(seed, device) -> torch.Tensor:
-    """The seed as the one-element int64 tensor the kernels load (no host sync on a GPU)."""
-    if isinstance(seed, torch.Tensor):
-        if seed.numel() != 1 or seed.dtype != torch.int64:
-            raise ValueError(f"seed must be a one-element int64 tensor, got shape {tuple(seed.shape)} {seed.dtype}")
-        return seed.reshape(1).to(device)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int or a one-element int64 tensor, got {type(seed).__name__}")
-    return torch.tensor([seed], dtype=torch.int64, device=device)
-
-
 def dropout_mask(seed, shape, p, device) -> torch.Tensor:
     """The keep-mask the LoRA kernels use for an input of `shape` (leading dims flattened).
 
     Returns a bool tensor of `shape`: True where the element is kept. `p` is the drop probability.
     """
-    if not 0.0 <= p < 1.0:
-        raise ValueError(f"p must be in [0, 1), got {p}")
+    check_dropout(p, name="p")
     shape = tuple(shape)
     if len(shape) == 0:
         raise ValueError("shape must have at least one dimension, got ()")
@@ -63,5 +55,7 @@ def dropout_mask(seed, shape, p, device) -> torch.Tensor:
     if mask.numel() > 0:
         block_m, block_k = 32, 64
         grid = (triton.cdiv(M, block_m), triton.cdiv(K, block_k))
-        _dropout_mask_kernel[grid](seed_tensor(seed, device), mask, M, K, float(p), BLOCK_M=block_m, BLOCK_K=block_k)
+        with device_guard(mask):
+            _dropout_mask_kernel[grid](seed_tensor(seed, device), mask, M, K, float(p), BLOCK_M=block_m,
+                                       BLOCK_K=block_k)
     return mask.bool().reshape(shape)

@@ -16,10 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafuse.checks import check_lora_inputs
+from lorafuse.checks import check_lora_inputs, seed_tensor
 
-from .common import _grouped_tile, _mma, dot_options, is_interpreted, rank_block, small_block
-from .dropout import _keep_mask, seed_tensor
+from .common import _grouped_tile, _mma, device_guard, dot_options, is_interpreted, rank_block, small_block
+from .dropout import _keep_mask
 
 
 @triton.jit
@@ -68,10 +68,13 @@ def _lora_forward_kernel(
         acc = _mma(x, w_t, acc, UPCAST, PRECISION)
         if HAS_DROPOUT:
             # 1 / (1 - p) is applied once to xa after the loop: fewer multiplies, one rounding.
+            # (On a GPU, Triton passes float scalars as fp32: scaling and p carry fp32 precision even
+            # for fp64 inputs, a relative 6e-8.)
             x = tl.where(_keep_mask(seed, offs_m, offs_k, K, dropout_p), x, 0.0).to(x.dtype)
         xa = _mma(x, a_t, xa, UPCAST, PRECISION)
     if HAS_DROPOUT:
-        xa = xa * (1.0 / (1.0 - dropout_p))
+        # Divided, as the backward does, so both use the same q = 1 / (1 - p) to the last bit.
+        xa = xa / (1.0 - dropout_p)
     # xa is rounded to the input dtype before B, as an unfused LoRA (and the saved xa) has it.
     xa = xa.to(xa_ptr.dtype.element_ty)
 
@@ -141,5 +144,6 @@ def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
     else:
         def grid(config):
             return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(N, config["BLOCK_N"]),)
-        _tuned_kernel()[grid](*args, **meta)
+        with device_guard(x):
+            _tuned_kernel()[grid](*args, **meta)
     return y, xa

@@ -25,9 +25,23 @@ def check_rank(r) -> None:
     check_positive_int("r", r)
 
 
-def check_dropout(dropout_p) -> None:
+def check_dropout(dropout_p, name: str = "lora_dropout") -> None:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"lora_dropout must be a float in [0, 1), got {dropout_p!r}")
+        raise ValueError(f"{name} must be a float in [0, 1), got {dropout_p!r}")
+
+
+def seed_tensor(seed, device) -> torch.Tensor:
+    """`seed` (an int, or a one-element int64 tensor) as the one-element int64 tensor on `device` that the
+    launchers take: the kernels load it, so a seed drawn on the GPU needs no host sync."""
+    if isinstance(seed, torch.Tensor):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(f"seed must be a one-element int64 tensor, got shape {tuple(seed.shape)} {seed.dtype}")
+        return seed.reshape(1).to(device)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or a one-element int64 tensor, got {type(seed).__name__} {seed!r}")
+    if not -(2**63) <= seed < 2**63:
+        raise ValueError(f"seed must fit in int64, got {seed}")
+    return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
 def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:

@@ -1,11 +1,15 @@
-"""The autograd Function and the functional form `lora_linear`, with backend dispatch."""
+"""The functional form `lora_linear`: seeds, autocast and tensor-parallel routing around the custom op.
+
+The autograd of the fused layer is registered on the custom op `lorafuse::lora_forward` (ops.py), so
+eager calls and torch.compile take the same path.
+"""
 
 import sys
 
 import torch
 
-from . import ops
-from .checks import check_dropout, check_lora_inputs
+from . import ops  # noqa: F401  (registers torch.ops.lorafuse.*)
+from .checks import check_dropout, check_lora_inputs, seed_tensor
 from .dispatch import select_backend
 
 
@@ -15,43 +19,10 @@ def dropout_mask(seed, shape, p, device) -> torch.Tensor:
     return backend.dropout_mask(seed, shape, p, device)
 
 
-class LoRALinearFunction(torch.autograd.Function):
-    """y = x @ W^T + b + s * (dropout(x) @ A^T) @ B^T on 2-D x, through one backend's launchers.
-
-    Chain rule (m the keep-mask, q = 1 / (1 - p), xa = (x * m * q) @ A^T saved from the forward):
-        dxa = s * dy @ B;  dB = s * dy^T @ xa;  dA = q * dxa^T @ (x * m);  dx = dy @ W + q * m * (dxa @ A)
-        dW = dy^T @ x and db = sum(dy) only when the base requires grad.
-    Saved: x, xa and the seed (plus the parameters); the mask is rebuilt from the seed.
-
-    `lora_linear` calls the custom op `lorafuse::lora_forward` directly (its registered autograd is this
-    same chain rule, lorafuse/ops.py) so that torch.compile can trace it; this Function is the same
-    computation for callers of `.apply`.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
-        seed = _seed_tensor(seed, x.device)
-        y, xa = torch.ops.lorafuse.lora_forward(x, weight, bias, lora_A, lora_B, seed, scaling=float(scaling),
-                                                dropout_p=float(dropout_p))
-        ops.save_for_backward(ctx, x, weight, lora_A, lora_B, xa, seed, scaling=float(scaling),
-                              dropout_p=float(dropout_p))
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        return (*ops.backward_grads(ctx, dy), None, None, None)
-
-
 def draw_seed(device) -> torch.Tensor:
     """A one-element int64 dropout seed."""
     # From the device's default generator: torch.manual_seed reproduces it and checkpoint replays it.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
-def _seed_tensor(seed, device) -> torch.Tensor:
-    if isinstance(seed, torch.Tensor):
-        return seed
-    return torch.tensor([int(seed)], dtype=torch.int64, device=device)
 
 
 def _is_dtensor(tensor) -> bool:
@@ -61,13 +32,18 @@ def _is_dtensor(tensor) -> bool:
     return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
 
 
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _autocast(x, weight, bias, lora_A, lora_B):
-    """Cast the operands as autocast would cast nn.Linear's, when autocast is on for x's device."""
+    """Cast the operands as autocast would cast nn.Linear's, when autocast is on for x's device: floating
+    tensors other than fp64 go to the autocast dtype (autocast leaves fp64 alone)."""
     device_type = x.device.type
     if not torch.is_autocast_enabled(device_type):
         return x, weight, bias, lora_A, lora_B
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(None if t is None else t.to(dtype) for t in (x, weight, bias, lora_A, lora_B))
+    return tuple(t.to(dtype) if t is not None and t.dtype in _AUTOCAST_ELIGIBLE else t
+                 for t in (x, weight, bias, lora_A, lora_B))
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, training=True, seed=None):
@@ -87,7 +63,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, trai
     elif seed is None:
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     else:
-        seed = _seed_tensor(seed, x.device)
+        seed = seed_tensor(seed, x.device)
     if any(_is_dtensor(t) for t in (x, weight, lora_A, lora_B)):
         # Tensor-parallel layers (lorafuse.distributed styles): the same kernels on local shards.
         from .distributed.sharded import sharded_lora_linear

@@ -5,8 +5,8 @@ so a compiled model keeps the fused kernels instead of breaking its graph around
 Triton. The ops pick their launchers at run time (`select_backend`), so one compiled graph serves the
 Triton kernels on CUDA, the interpreted kernels on CPU and the PyTorch path alike.
 
-Autograd for `lora_forward` is registered here too (`register_autograd`); `LoRALinearFunction` in
-function.py reuses the same `save_for_backward` / `backward_grads`, so both entry points share one chain rule.
+Autograd for `lora_forward` is registered here too (`register_autograd`): this is the fused layer's
+autograd Function, with the chain rule written out in `backward_grads`.
 """
 
 from typing import Optional
@@ -66,6 +66,9 @@ def save_for_backward(ctx, x, weight, lora_A, lora_B, xa, seed, *, scaling, drop
 def backward_grads(ctx, dy):
     """(dx, dW, db, dA, dB) for inputs (x, weight, bias, lora_A, lora_B), None where not needed.
 
+    Chain rule (m the keep-mask, q = 1 / (1 - p), xa = (x * m * q) @ A^T saved from the forward):
+        dxa = s * dy @ B;  dB = s * dy^T @ xa;  dA = q * dxa^T @ (x * m);  dx = dy @ W + q * m * (dxa @ A)
+    The mask is rebuilt from the saved seed, never stored.
     dW = dy^T @ x and db = sum(dy) run in plain torch: the base is frozen in LoRA training, so they are rare.
     """
     x, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors

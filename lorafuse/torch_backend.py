@@ -6,12 +6,13 @@ other than CUDA. Like the kernels it saves no mask: the mask is drawn again from
 
 import torch
 
-from .checks import check_lora_inputs
+from .checks import check_dropout, check_lora_inputs, seed_tensor
 
 
 def dropout_mask(seed, shape, p, device) -> torch.Tensor:
     """Bool keep-mask of `shape` drawn from a torch generator seeded with `seed`."""
-    seed_value = int(seed.item()) if isinstance(seed, torch.Tensor) else int(seed)
+    check_dropout(p, name="p")
+    seed_value = int(seed_tensor(seed, "cpu").item())
     generator = torch.Generator(device=device).manual_seed(seed_value)
     return torch.rand(shape, generator=generator, device=device) >= p
 

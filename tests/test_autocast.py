@@ -71,3 +71,14 @@ def test_autocast_disabled_inside_runs_in_parameter_dtype(device):
         assert layer(x).dtype == torch.float16
         with torch.autocast(device.type, enabled=False):
             assert layer(x).dtype == F.linear(x, layer.weight).dtype == torch.float32
+
+
+def test_autocast_leaves_float64_alone(device):
+    # Autocast never casts fp64 tensors; nn.Linear stays fp64 under it, and so must the layer.
+    layer = _layer(device).double()
+    x = torch.randn(5, 32, device=device, dtype=torch.float64)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        linear_out = F.linear(x, layer.weight, layer.bias)
+        out = layer(x)
+    assert linear_out.dtype == out.dtype == torch.float64
+    torch.testing.assert_close(out, _unfused(x, layer))

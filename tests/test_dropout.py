@@ -42,7 +42,7 @@ def test_p_zero_keeps_everything(device):
 
 
 def test_mask_rejects_bad_p(device):
-    with pytest.raises(ValueError, match="p must be in"):
+    with pytest.raises(ValueError, match=r"p must be a float in \[0, 1\), got 1.0"):
         dropout_mask(1, (4, 4), 1.0, device)
 
 

@@ -5,7 +5,7 @@ import torch
 from conftest import DTYPES, HAS_GPU, gpu
 from lora_cases import check_against_oracle, make_problem
 
-from lorafuse import lora_linear
+from lorafuse import dropout_mask, lora_linear, reference
 from lorafuse.function import select_backend
 
 
@@ -23,6 +23,21 @@ def test_kernel_backend_is_used(device):
 def test_odd_shapes(device, dtype, r, dropout_p, bias):
     tensors = make_problem(37, 70, 45, r, dtype=dtype, device=device, bias=bias)
     check_against_oracle(tensors, scaling=2.0 / r**0.5, dropout_p=dropout_p, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_many_tiles(device, dtype, dropout_p):
+    # Several tiles along M, N and K (interpreted tiles are at most 64 wide): the dA/dB atomics add
+    # partial sums from several row blocks, only the first N column stores xa, the N loops iterate.
+    tensors = make_problem(150, 140, 133, 8, dtype=dtype, device=device)
+    check_against_oracle(tensors, scaling=2.0, dropout_p=dropout_p, dtype=dtype)
+
+
+def test_more_row_blocks_than_a_group(device):
+    # M / BLOCK_M = 10 row blocks > GROUP_M = 8: the grouped tile order wraps into a second group.
+    tensors = make_problem(600, 24, 70, 4, dtype=torch.float32, device=device)
+    check_against_oracle(tensors, scaling=2.0, dropout_p=0.2, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -98,13 +113,21 @@ def test_llm_shape_on_gpu(dtype, dropout_p):
 
 @gpu
 def test_int64_offsets_on_gpu():
-    # M * K > 2^31: the element index and the dropout counter must not wrap in int32.
-    M, K, N = 2**31 // 512 + 64, 512, 16
-    tensors = make_problem(M, K, N, 4, dtype=torch.bfloat16, device=torch.device("cuda"))
-    x, weight, bias, lora_A, lora_B = tensors
-    with torch.no_grad():
-        y = lora_linear(x, weight, bias, lora_A, lora_B, scaling=2.0, dropout_p=0.0)
-        tail = slice(M - 64, M)
-        expected = torch.nn.functional.linear(x[tail].float(), weight.float(), bias.float())
-        expected += 2.0 * (x[tail].float() @ lora_A.float().t()) @ lora_B.float().t()
+    # M * K > 2^31: element offsets and dropout counters must not wrap in int32, forward or backward.
+    M, K, N, r, p = 2**31 // 512 + 64, 512, 16, 4, 0.1
+    x, weight, bias, lora_A, lora_B = make_problem(M, K, N, r, dtype=torch.bfloat16, device=torch.device("cuda"))
+    seed = 99
+    y = lora_linear(x, weight, bias, lora_A, lora_B, scaling=2.0, dropout_p=p, seed=seed)
+    tail = slice(M - 64, M)
+    dy = torch.zeros_like(y)
+    dy[tail] = torch.randn(64, N, device=y.device, dtype=y.dtype)
+    y.backward(dy)
+    keep = dropout_mask(seed, (M, K), p, x.device)[tail]
+    tail_leaves = [t.detach()[tail].float().requires_grad_() if t is x else t.detach().float().requires_grad_()
+                   for t in (x, weight, bias, lora_A, lora_B)]
+    expected = reference.lora_linear(*tail_leaves, scaling=2.0, keep_mask=keep, dropout_p=p)
+    expected.backward(dy[tail].float())
     torch.testing.assert_close(y[tail].float(), expected, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(x.grad[tail].float(), tail_leaves[0].grad, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(lora_A.grad.float(), tail_leaves[3].grad, atol=0.1, rtol=0.02)
+    torch.testing.assert_close(lora_B.grad.float(), tail_leaves[4].grad, atol=0.1, rtol=0.02)

@@ -70,6 +70,20 @@ def test_functional_shape_errors(device):
         lora_linear(x, weight, bias, A, B, scaling=1.0, dropout_p=1.0)
 
 
+@pytest.mark.parametrize(("seed", "error", "message"), [
+    (1.5, TypeError, "seed must be an int or a one-element int64 tensor, got float 1.5"),
+    (True, TypeError, "seed must be an int or a one-element int64 tensor, got bool True"),
+    (2**64, ValueError, "seed must fit in int64"),
+    (torch.tensor([1, 2]), ValueError, r"seed must be a one-element int64 tensor, got shape \(2,\)"),
+    (torch.tensor([1.0]), ValueError, "seed must be a one-element int64 tensor, got shape .* torch.float32"),
+])
+def test_bad_seed(device, seed, error, message):
+    x, weight, A, B = (torch.randn(3, 8, device=device), torch.randn(4, 8, device=device),
+                       torch.randn(2, 8, device=device), torch.randn(4, 2, device=device))
+    with pytest.raises(error, match=message):
+        lora_linear(x, weight, None, A, B, scaling=1.0, dropout_p=0.1, seed=seed)
+
+
 def test_reference_mask_shape(device):
     x, weight = torch.randn(3, 8), torch.randn(4, 8)
     with pytest.raises(ValueError, match="keep_mask must have x's shape"):
@@ -84,6 +98,6 @@ def test_launcher_validates_too(device):
     with pytest.raises(ValueError, match=r"x must be 2-D \(M, K\) here, got shape \(1, 3, 8\)"):
         lora_forward(x[None], torch.randn(4, 8, device=device), None, torch.randn(2, 8, device=device),
                      torch.randn(4, 2, device=device), scaling=1.0, dropout_p=0.0, seed=0)
-    with pytest.raises(TypeError, match="seed must be an int"):
+    with pytest.raises(TypeError, match="seed must be an int or a one-element int64 tensor, got float 1.5"):
         lora_forward(x, torch.randn(4, 8, device=device), None, torch.randn(2, 8, device=device),
                      torch.randn(4, 2, device=device), scaling=1.0, dropout_p=0.1, seed=1.5)
