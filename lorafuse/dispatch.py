@@ -10,10 +10,13 @@ from . import torch_backend
 
 @functools.cache
 def _kernels():
-    """`lorafuse.kernels`, or None where Triton cannot be imported."""
+    """`lorafuse.kernels`, or None where Triton cannot be imported. Any other import error inside the
+    kernels is a bug and is raised, not hidden behind the slower PyTorch path."""
     try:
         from . import kernels
-    except ImportError:
+    except ImportError as err:
+        if err.name is None or not (err.name == "triton" or err.name.startswith("triton.")):
+            raise
         return None
     return kernels
 
