@@ -45,12 +45,28 @@ def _warn_tied(model: nn.Module, targets: List[str]) -> None:
                           "merging the adapter changes all of them", stacklevel=3)
 
 
+def _warn_hooks(model: nn.Module, targets: List[str]) -> None:
+    hooked = []
+    for path in targets:
+        module = model.get_submodule(path)
+        hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+        # accelerate's dispatch hooks replace forward on the instance: lost with the module as well.
+        if any(hooks) or "forward" in vars(module):
+            hooked.append(repr(path))
+    if hooked:
+        warnings.warn(f"{', '.join(hooked)} have hooks (forward, forward pre or backward) or a replaced forward, "
+                      "which will not run: the FusedLoRALinear that replaces each is a new module. Register them "
+                      "on the new layers after apply_lora", stacklevel=3)
+
+
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     """Replace, in place, every layer `config` targets with a FusedLoRALinear sharing its weight and bias,
     freeze everything else except what `config` trains (bias, modules_to_save), and return `model`.
 
-    Raises ValueError for a config that matches nothing and TypeError for a target that is not an
-    nn.Linear or transformers Conv1D. A model may hold one adapter: applying twice raises.
+    Raises ValueError for a config that matches nothing and TypeError for a target that is not exactly an
+    nn.Linear or transformers Conv1D (a subclass would lose its own forward) or whose weight is not float16,
+    bfloat16, float32 or float64. Warns when a target has hooks, which the new layer does not run. A model
+    may hold one adapter: applying twice raises.
     """
     _check_model(model)
     if not isinstance(config, LoRAConfig):
@@ -62,6 +78,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     targets = find_targets(model, config)
     find_modules_to_save(model, config)  # fail on a bad name before anything changes
     _warn_tied(model, targets)
+    _warn_hooks(model, targets)
     for path in targets:
         module = model.get_submodule(path)
         options = {

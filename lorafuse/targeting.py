@@ -6,9 +6,11 @@ module set in lorafuse and in PEFT.
 """
 
 import re
+import sys
 import warnings
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+import torch
 import torch.nn as nn
 
 from .config import ALL_LINEAR, LoRAConfig
@@ -27,10 +29,28 @@ DEFAULT_TARGETS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 HEAD_NAMES = ("lm_head", "output_layer", "output", "score", "classifier")
 
 
+#: Weight dtypes the fused kernels compute in. Anything else (fp8, the int8/uint8 storage of quantized
+#: layers) would be run by F.linear in a dtype it was never meant for, or not at all.
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _transformers_conv1d() -> Optional[type]:
+    # Looked up, never imported: a model holding a Conv1D has imported transformers already, and a model
+    # that has not cannot hold one.
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return getattr(pytorch_utils, "Conv1D", None)
+
+
 def is_conv1d(module: nn.Module) -> bool:
-    """A transformers GPT-2 style Conv1D: weight (in_features, out_features), attribute nf."""
-    # Duck-typed so that transformers is never imported just to answer "no".
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+    """Exactly transformers' Conv1D (GPT-2's layer, weight (in_features, out_features)); not a subclass."""
+    conv1d = _transformers_conv1d()
+    return conv1d is not None and type(module) is conv1d
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """An nn.Linear or transformers Conv1D, or a subclass of either: what "all-linear" looks at."""
+    conv1d = _transformers_conv1d()
+    return isinstance(module, nn.Linear) or (conv1d is not None and isinstance(module, conv1d))
 
 
 def unsupported_reason(module: nn.Module, parent: Optional[nn.Module]) -> Optional[str]:
@@ -40,11 +60,25 @@ def unsupported_reason(module: nn.Module, parent: Optional[nn.Module]) -> Option
     if isinstance(parent, nn.MultiheadAttention):
         # MultiheadAttention reads out_proj.weight directly and never calls its forward.
         return "nn.MultiheadAttention reads its out_proj weight directly, so an adapter there would be ignored"
-    if isinstance(module, nn.Linear) or is_conv1d(module):
-        if not module.weight.dtype.is_floating_point:
-            return f"its weight has dtype {module.weight.dtype} (quantized layers are not supported)"
-        return None
-    return "lorafuse adapts nn.Linear and transformers' Conv1D layers only"
+    if type(module) is not nn.Linear and not is_conv1d(module):
+        if is_linear_like(module):
+            # A subclass (a quantized or parallel linear, a custom forward) has a forward, hooks and attributes
+            # of its own that a FusedLoRALinear would drop without a word.
+            base = "nn.Linear" if isinstance(module, nn.Linear) else "Conv1D"
+            return (f"it subclasses {base}, and replacing it would lose its own forward and attributes; lorafuse "
+                    "adapts exactly nn.Linear and transformers' Conv1D")
+        return "lorafuse adapts nn.Linear and transformers' Conv1D layers only"
+    if module.weight.dtype not in SUPPORTED_DTYPES:
+        return (f"its weight has dtype {module.weight.dtype}; lorafuse adapts float16, bfloat16, float32 and "
+                "float64 weights")
+    return None
+
+
+def _skipped_label(path: str, module: nn.Module) -> str:
+    weight = getattr(module, "weight", None)
+    dtype = weight.dtype if isinstance(weight, torch.Tensor) else None
+    detail = f", {dtype}" if dtype is not None and dtype not in SUPPORTED_DTYPES else ""
+    return f"{path!r} ({type(module).__name__}{detail})"
 
 
 def _parent(model: nn.Module, name: str) -> Optional[nn.Module]:
@@ -120,7 +154,9 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
     """Paths of the modules `config` adapts, in model order.
 
     Raises ValueError when nothing matches (naming the linear layers the model has) and TypeError when a
-    matched module cannot take an adapter. With a list, names that match nothing give a warning.
+    matched module cannot take an adapter (not exactly nn.Linear or transformers' Conv1D, or a weight dtype
+    other than float16/bfloat16/float32/float64). "all-linear" skips such layers with a warning listing
+    them. With a list, names that match nothing give a warning.
     """
     targets = config.target_modules
     heads = set()
@@ -128,13 +164,12 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
         targets = default_target_modules(model)
     elif targets == ALL_LINEAR:
         heads = set(output_head_names(model))
-    selected, unmatched = [], set(targets) if isinstance(targets, tuple) else set()
+    selected, skipped, unmatched = [], [], set(targets) if isinstance(targets, tuple) else set()
     for path, module in model.named_modules():
         if not path:
             continue
-        reason = unsupported_reason(module, _parent(model, path))
         if targets == ALL_LINEAR:
-            if path in heads or reason is not None:
+            if path in heads or not is_linear_like(module):
                 continue
         elif not matches_names(targets, path):
             continue
@@ -143,10 +178,18 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
             continue
         if _matches_modules_to_save(config, path) or not _in_layers(config, path):
             continue
+        reason = unsupported_reason(module, _parent(model, path))
+        if reason is not None and targets == ALL_LINEAR:
+            skipped.append(_skipped_label(path, module))
+            continue
         if reason is not None:
             raise TypeError(f"target_modules={_show(config.target_modules)} matched {path!r}, a "
                             f"{type(module).__name__}, which cannot take an adapter: {reason}")
         selected.append(path)
+    if skipped:
+        warnings.warn(f"{ALL_LINEAR} skipped {len(skipped)} linear layers that are not exactly nn.Linear or "
+                      f"transformers' Conv1D with a float16/bfloat16/float32/float64 weight: {', '.join(skipped)}",
+                      stacklevel=3)
     if not selected:
         raise ValueError(f"target_modules={_show(config.target_modules)} matched no adaptable module "
                          f"(after exclude_modules, layers_to_transform and modules_to_save); the model's "

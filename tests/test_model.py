@@ -237,3 +237,12 @@ def test_a_bad_modules_to_save_name_changes_nothing():
     with pytest.raises(ValueError, match="modules_to_save entry 'head'"):
         apply_lora(model, LoRAConfig(r=2, modules_to_save=["head"]))
     assert not lora_layers(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_hooks_on_a_replaced_layer_warn_that_they_will_not_run():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+    model[0].register_forward_hook(lambda module, args, output: None)
+    model[1].register_forward_pre_hook(lambda module, args: None)
+    with pytest.warns(UserWarning, match=r"'0', '1' have hooks .* will not run"):
+        apply_lora(model, LoRAConfig(r=2, target_modules=["0", "1", "2"]))
+    assert len(lora_layers(model)) == 3

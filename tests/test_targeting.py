@@ -1,6 +1,7 @@
 """Which modules a LoRAConfig selects: lists, regexes, all-linear, defaults, block indices, exclusions."""
 
 import pytest
+import torch
 import torch.nn as nn
 from tiny_models import tiny_gpt2, tiny_llama, tiny_megatron
 
@@ -145,3 +146,45 @@ def test_rank_and_alpha_patterns_match_the_end_of_the_path_first_key_wins():
     assert pattern_value(patterns, "model.layers.1.self_attn.q_proj", 8) == 4
     assert pattern_value(patterns, "model.layers.1.mlp.up_proj", 8) == 8  # "proj" is not a whole segment suffix
     assert pattern_value({"mlp\\..*": 3}, "model.layers.1.mlp.up_proj", 8) == 3
+
+
+class _ScaledLinear(nn.Linear):
+    """An nn.Linear subclass with a forward of its own, which a FusedLoRALinear would silently drop."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def _mixed_linears():
+    from transformers.pytorch_utils import Conv1D
+
+    class _MyConv1D(Conv1D):
+        pass
+
+    model = nn.Module()
+    model.plain = nn.Linear(4, 4)
+    model.scaled = _ScaledLinear(4, 4)
+    model.conv = Conv1D(4, 4)
+    model.my_conv = _MyConv1D(4, 4)
+    model.fp8 = nn.Linear(4, 4).to(torch.float8_e4m3fn)
+    model.last = nn.Linear(4, 2)
+    return model
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    ("scaled", r"matched 'scaled', a _ScaledLinear, which cannot take an adapter: it subclasses nn\.Linear"),
+    ("my_conv", r"matched 'my_conv', a _MyConv1D, which cannot take an adapter: it subclasses Conv1D"),
+    ("fp8", r"matched 'fp8', a Linear, which cannot take an adapter: its weight has dtype torch\.float8_e4m3fn"),
+])
+def test_linear_subclasses_and_other_weight_dtypes_are_refused_when_named(target, message):
+    with pytest.raises(TypeError, match=message):
+        find_targets(_mixed_linears(), LoRAConfig(target_modules=[target]))
+
+
+def test_all_linear_skips_linear_subclasses_and_other_dtypes_with_a_warning():
+    model = _mixed_linears()
+    with pytest.warns(UserWarning, match=r"all-linear skipped 3 .*: 'scaled' \(_ScaledLinear\), 'my_conv' "
+                                         r"\(_MyConv1D\), 'fp8' \(Linear, torch\.float8_e4m3fn\)"):
+        targets = find_targets(model, LoRAConfig(target_modules="all-linear"))
+    assert "plain" in targets and "conv" in targets
+    assert not {"scaled", "my_conv", "fp8"} & set(targets)
