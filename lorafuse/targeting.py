@@ -24,9 +24,10 @@ DEFAULT_TARGETS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("Megatron", ("linear_qkv", "linear_proj")),
 )
 
-#: Names of output heads that "all-linear" leaves alone when the model cannot name its own head
-#: (transformers models can, through get_output_embeddings()).
-HEAD_NAMES = ("lm_head", "output_layer", "output", "score", "classifier")
+#: Names under which a model's output head is one of its direct children, for models that cannot name
+#: their head themselves (transformers models can, through get_output_embeddings()). Only top-level
+#: children count: inside a block, "output" or "classifier" is an ordinary projection.
+HEAD_NAMES = ("lm_head", "output", "score", "classifier", "head")
 
 
 #: Weight dtypes the fused kernels compute in. Anything else (fp8, the int8/uint8 storage of quantized
@@ -112,12 +113,24 @@ def layer_index(path: str, layers_pattern: Optional[Sequence[str]] = None) -> Op
 
 
 def output_head_names(model: nn.Module) -> List[str]:
-    """Paths of the output head(s) that "all-linear" skips."""
+    """Paths of the output head(s) that "all-linear" skips.
+
+    A transformers model names its LM head through get_output_embeddings(); when it has none (a base model,
+    a classifier) only a top-level linear child named in HEAD_NAMES (LlamaForSequenceClassification's
+    score) is a head. A model without get_output_embeddings: such a child, else its last linear layer in
+    module order (Megatron's output_layer, a custom model's decoder).
+    """
+    named = [name for name, child in model.named_children() if name in HEAD_NAMES and is_linear_like(child)]
     get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if isinstance(head, nn.Module):
-        return [name for name, module in model.named_modules() if module is head]
-    return [name for name, _ in model.named_modules() if name.rpartition(".")[2] in HEAD_NAMES]
+    if callable(get_head):
+        head = get_head()
+        if isinstance(head, nn.Module):
+            return [name for name, module in model.named_modules() if module is head]
+        return named
+    if named:
+        return named
+    linears = [name for name, module in model.named_modules() if name and is_linear_like(module)]
+    return linears[-1:]
 
 
 def default_target_modules(model: nn.Module) -> Tuple[str, ...]:

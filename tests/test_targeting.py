@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from tiny_models import tiny_gpt2, tiny_llama, tiny_megatron
+from tiny_models import tiny_gpt2, tiny_llama, tiny_llama_classifier, tiny_megatron
 
 from lorafuse import FusedLoRALinear, LoRAConfig
 from lorafuse.targeting import find_modules_to_save, find_targets, layer_index, pattern_value
@@ -188,3 +188,38 @@ def test_all_linear_skips_linear_subclasses_and_other_dtypes_with_a_warning():
         targets = find_targets(model, LoRAConfig(target_modules="all-linear"))
     assert "plain" in targets and "conv" in targets
     assert not {"scaled", "my_conv", "fp8"} & set(targets)
+
+
+class _Block(nn.Module):
+    """Inner layers named like heads: "output" and "classifier" here are ordinary projections."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.Module()
+        self.attn.output = nn.Linear(4, 4)
+        self.classifier = nn.Linear(4, 4)
+
+
+def test_all_linear_without_get_output_embeddings_excludes_only_the_real_head():
+    # No top-level child has a head's name: the last linear layer is the head, inner names do not matter.
+    model = nn.Module()
+    model.blocks = nn.ModuleList([_Block(), _Block()])
+    model.decoder = nn.Linear(4, 8)
+    assert find_targets(model, LoRAConfig(target_modules="all-linear")) == [
+        f"blocks.{i}.{name}" for i in (0, 1) for name in ("attn.output", "classifier")]
+    # A top-level linear named like a head is the head, wherever it was registered.
+    model = nn.Module()
+    model.head = nn.Linear(4, 8)
+    model.blocks = nn.ModuleList([_Block()])
+    model.aux = nn.Linear(4, 2)
+    assert find_targets(model, LoRAConfig(target_modules="all-linear")) == [
+        "blocks.0.attn.output", "blocks.0.classifier", "aux"]
+
+
+def test_all_linear_on_transformers_models_without_an_lm_head(llama):
+    # A base model (get_output_embeddings() is None) has no head: every linear layer is adapted.
+    assert find_targets(llama.model, LoRAConfig(target_modules="all-linear")) == [
+        path.removeprefix("model.") for path in _llama_paths(set(LLAMA_LINEAR))]
+    # A classifier's head is its top-level score.
+    assert find_targets(tiny_llama_classifier(), LoRAConfig(target_modules="all-linear")) == \
+        _llama_paths(set(LLAMA_LINEAR))

@@ -28,6 +28,19 @@ def tiny_llama(*, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: i
     return LlamaForCausalLM(config).eval()
 
 
+def tiny_llama_classifier(*, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = VOCAB,
+                          labels: int = 3):
+    """A LlamaForSequenceClassification (head `score`, `labels` classes) as tiny_llama builds its body; pad id
+    0 (the last token that is not 0 is classified)."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                         max_position_embeddings=64, num_labels=labels, pad_token_id=0, attn_implementation="eager")
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config).eval()
+
+
 def tiny_gpt2(*, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = VOCAB):
     """A GPT2LMHeadModel (Conv1D layers) with `layers` blocks of width `hidden`, dropout off."""
     from transformers import GPT2Config, GPT2LMHeadModel
