@@ -3,6 +3,7 @@
 import argparse
 
 from .config import ALL_LINEAR
+from .targeting import describe_default_targets
 
 
 def add_lora_arguments(parser):
@@ -21,8 +22,9 @@ def add_lora_arguments(parser):
                        help="scaling numerator: scaling = alpha / r, or alpha / sqrt(r) with rsLoRA (default: 16)")
     group.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapter input (default: 0)")
     group.add_argument("--lora-target-modules", nargs="+", default=None, metavar="NAME",
-                       help=f"module names to adapt (space- or comma-separated) or {ALL_LINEAR!r}; "
-                            "default: the architecture's attention projections")
+                       help=f"module names to adapt (space- or comma-separated) or {ALL_LINEAR!r}; default: the "
+                            "attention projections of the first family whose names the model has all of: "
+                            f"{describe_default_targets()}")
     group.add_argument("--lora-use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
     group.add_argument("--lora-save-path", default=None, metavar="DIR", help="directory to save the adapter in")
     group.add_argument("--lora-load-path", default=None, metavar="DIR", help="adapter directory to start from")

@@ -83,8 +83,10 @@ class LoRAConfig:
     target_modules: a list of names, each matching a module whose dotted path equals it or ends with
         "." + it ("q_proj" matches "model.layers.0.self_attn.q_proj"; "attn.c_proj" only that one under
         "attn"); or a regex string matched against the whole path; or "all-linear" (every nn.Linear /
-        Conv1D except the output head); or None for the defaults of the architecture the model's layer
-        names show (Llama/Qwen/Mistral q,k,v,o_proj; GPT-2 c_attn, c_proj; Megatron linear_qkv, linear_proj).
+        Conv1D except the output head, skipping with a warning subclasses and weights that are not
+        float16/bfloat16/float32/float64); or None for the attention projections of the first of these
+        families all of whose names the model has: Llama / Qwen / Mistral: q_proj, k_proj, v_proj, o_proj;
+        Phi-3: qkv_proj, o_proj; GPT-2: c_attn, attn.c_proj; Megatron: linear_qkv, linear_proj.
     exclude_modules: names (same matching) or a regex of modules never adapted.
     layers_to_transform: only modules inside these block indices (the first number in the path, e.g.
         the 3 of "model.layers.3.mlp.up_proj"); layers_pattern names the block list ("layers", "h") when
@@ -160,7 +162,7 @@ class LoRAConfig:
         """The config an argparse namespace built by `lorafuse.add_lora_arguments` describes.
 
         --lora-target-modules takes names (space- or comma-separated) or "all-linear"; unset means the
-        architecture's defaults.
+        architecture's defaults (target_modules=None).
         """
         needed = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_use_rslora")
         missing = [name for name in needed if not hasattr(args, name)]

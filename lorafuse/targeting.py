@@ -16,11 +16,15 @@ import torch.nn as nn
 from .config import ALL_LINEAR, LoRAConfig
 from .layer import FusedLoRALinear
 
-#: Default targets per architecture family, recognised by the layer names a model has. Order matters:
-#: the first family with a name present wins.
+#: Default targets per architecture family: its attention projections, recognised by the layer names a
+#: model has. A family is chosen only when every one of its names matches a linear layer (a model with
+#: q_proj and v_proj alone is no Llama); the first such family wins. LoRAConfig's docstring and
+#: add_lora_arguments' help list the same.
 DEFAULT_TARGETS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("Llama / Qwen / Mistral", ("q_proj", "k_proj", "v_proj", "o_proj")),
-    ("GPT-2", ("c_attn", "c_proj")),
+    ("Phi-3", ("qkv_proj", "o_proj")),
+    # "attn.c_proj": GPT-2's MLP has a c_proj too.
+    ("GPT-2", ("c_attn", "attn.c_proj")),
     ("Megatron", ("linear_qkv", "linear_proj")),
 )
 
@@ -134,15 +138,21 @@ def output_head_names(model: nn.Module) -> List[str]:
 
 
 def default_target_modules(model: nn.Module) -> Tuple[str, ...]:
-    """The targets of the first family in DEFAULT_TARGETS whose names the model's layers use."""
-    leaves = {name.rpartition(".")[2] for name in adaptable_names(model)}
+    """The targets of the first family in DEFAULT_TARGETS all of whose names match the model's linear layers."""
+    # Linear-like, not only adaptable: a family of quantized layers is still recognised, and find_targets
+    # then says why they cannot take an adapter.
+    linear = [name for name, module in model.named_modules() if name and is_linear_like(module)]
     for _family, names in DEFAULT_TARGETS:
-        present = tuple(name for name in names if name in leaves)
-        if present:
-            return present
+        if all(any(matches_names((name,), path) for path in linear) for name in names):
+            return names
     raise ValueError(f"target_modules=None, but lorafuse knows no default for {type(model).__name__}: "
-                     f"set target_modules to some of its linear layer names {_describe(leaves)}, "
-                     f"or to {ALL_LINEAR!r}")
+                     f"set target_modules to some of its linear layer names "
+                     f"{_describe(n.rpartition('.')[2] for n in linear)}, or to {ALL_LINEAR!r}")
+
+
+def describe_default_targets() -> str:
+    """DEFAULT_TARGETS in words: "Llama / Qwen / Mistral: q_proj, k_proj, v_proj, o_proj; Phi-3: ..."."""
+    return "; ".join(f"{family}: {', '.join(names)}" for family, names in DEFAULT_TARGETS)
 
 
 def _describe(names: Iterable[str]) -> str:

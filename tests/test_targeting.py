@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from tiny_models import tiny_gpt2, tiny_llama, tiny_llama_classifier, tiny_megatron
+from tiny_models import tiny_gpt2, tiny_llama, tiny_llama_classifier, tiny_megatron, tiny_phi3
 
 from lorafuse import FusedLoRALinear, LoRAConfig
 from lorafuse.targeting import find_modules_to_save, find_targets, layer_index, pattern_value
@@ -61,11 +61,38 @@ def test_all_linear_skips_the_output_head(llama, gpt2):
     assert "output_layer" not in megatron_targets and len(megatron_targets) == 8
 
 
-def test_defaults_follow_the_architecture(llama, gpt2):
+def test_defaults_are_the_attention_projections_of_the_architecture(llama, gpt2):
     assert find_targets(llama, LoRAConfig()) == _llama_paths({"q_proj", "k_proj", "v_proj", "o_proj"})
-    assert find_targets(gpt2, LoRAConfig()) == find_targets(gpt2, LoRAConfig(target_modules=["c_attn", "c_proj"]))
+    # GPT-2: c_attn and the attention's c_proj, not the MLP's c_proj.
+    assert find_targets(gpt2, LoRAConfig()) == [
+        f"transformer.h.{i}.attn.{n}" for i in (0, 1) for n in ("c_attn", "c_proj")]
+    assert find_targets(tiny_phi3(), LoRAConfig()) == [
+        f"model.layers.{i}.self_attn.{n}" for i in (0, 1) for n in ("o_proj", "qkv_proj")]
     assert find_targets(tiny_megatron(), LoRAConfig()) == [
         f"decoder.layers.{i}.self_attention.{n}" for i in (0, 1) for n in ("linear_qkv", "linear_proj")]
+
+
+def test_a_family_is_the_default_only_when_all_its_names_are_present():
+    # q_proj and v_proj alone are not Llama's attention: adapting half of it by default would be a guess.
+    model = nn.Module()
+    model.q_proj, model.v_proj = nn.Linear(4, 4), nn.Linear(4, 4)
+    with pytest.raises(ValueError, match=r"no default for Module.*linear layer names \[q_proj, v_proj\]"):
+        find_targets(model, LoRAConfig())
+
+
+def test_the_documented_defaults_are_the_defaults():
+    import argparse
+
+    from lorafuse import add_lora_arguments
+    from lorafuse.targeting import DEFAULT_TARGETS
+
+    parser = argparse.ArgumentParser()
+    add_lora_arguments(parser)
+    help_text = " ".join(parser.format_help().split())
+    doc = " ".join(LoRAConfig.__doc__.split())
+    for family, names in DEFAULT_TARGETS:
+        listed = ", ".join(names)
+        assert f"{family}: {listed}" in doc and f"{family}: {listed}" in help_text, family
 
 
 def test_unknown_architecture_without_targets_lists_its_linear_names():

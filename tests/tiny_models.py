@@ -41,6 +41,17 @@ def tiny_llama_classifier(*, seed: int = 0, layers: int = 2, hidden: int = HIDDE
     return LlamaForSequenceClassification(config).eval()
 
 
+def tiny_phi3(*, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = VOCAB):
+    """A Phi3ForCausalLM (fused qkv_proj and gate_up_proj) with `layers` blocks of width `hidden`."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    config = Phi3Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=64,
+                        bos_token_id=0, eos_token_id=0, pad_token_id=0, attn_implementation="eager")
+    torch.manual_seed(seed)
+    return Phi3ForCausalLM(config).eval()
+
+
 def tiny_gpt2(*, seed: int = 0, layers: int = 2, hidden: int = HIDDEN, vocab: int = VOCAB):
     """A GPT2LMHeadModel (Conv1D layers) with `layers` blocks of width `hidden`, dropout off."""
     from transformers import GPT2Config, GPT2LMHeadModel
