@@ -169,7 +169,7 @@ def adapter_config_dict(model: nn.Module, config: LoRAConfig) -> dict:
 
 
 def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> LoRAConfig:
-    """The LoRAConfig an adapter_config.json (lorafuse's or PEFT's) describes."""
+    """The LoRAConfig an adapter_config.json (lorafuse's or PEFT's) describes, with from_adapter_file set."""
     if not isinstance(data, dict):
         raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}")
     if data.get("peft_type") != "LORA":
@@ -185,7 +185,7 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
     layers = None if layers == [] else layers
     layers_pattern = (data.get("layers_pattern") or None) if layers is not None else None
     try:
-        return LoRAConfig(
+        config = LoRAConfig(
             r=data["r"], lora_alpha=data.get("lora_alpha", 8), lora_dropout=data.get("lora_dropout", 0.0),
             target_modules=data.get("target_modules"), exclude_modules=data.get("exclude_modules"),
             layers_to_transform=layers, layers_pattern=layers_pattern,
@@ -194,6 +194,9 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
             alpha_pattern=data.get("alpha_pattern"))
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
+    # modules_to_save names the model lacks are dropped, as PEFT does (LoRAConfig.from_adapter_file).
+    config.from_adapter_file = True
+    return config
 
 
 def _adapter_file(path, name: str) -> str:

@@ -96,7 +96,15 @@ class LoRAConfig:
         saved with the adapter, e.g. a new classification head.
     rank_pattern, alpha_pattern: per-module r / lora_alpha; each key is a regex that must match the end
         of the module's path (PEFT's rule); the first matching key wins.
+
+    `from_adapter_file` is True for a config read from an adapter file (lorafuse.read_adapter_config,
+    LoRAModel.from_pretrained). PEFT writes modules_to_save names that a model may lack (["classifier",
+    "score"] for every sequence-classification adapter) and skips them, so such a config drops them with
+    a warning and raises only when none matches; a config built by hand raises for any of them.
     """
+
+    #: Where the config came from, not what it does: not a field, so not in to_dict() or ==.
+    from_adapter_file = False
 
     r: int = 8
     lora_alpha: float = 16.0
@@ -145,8 +153,10 @@ class LoRAConfig:
         self.alpha_pattern = _pattern("alpha_pattern", alpha_pattern, integer=False)
 
     def replace(self, **changes) -> "LoRAConfig":
-        """A copy with `changes` applied (and validated)."""
-        return LoRAConfig(**{**self.to_dict(), **changes})
+        """A copy with `changes` applied (and validated); it keeps from_adapter_file."""
+        copy = LoRAConfig(**{**self.to_dict(), **changes})
+        copy.from_adapter_file = self.from_adapter_file
+        return copy
 
     def to_dict(self) -> dict:
         """Plain JSON-ready values: tuples become lists."""

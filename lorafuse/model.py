@@ -76,7 +76,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
         raise ValueError(f"model already has {len(present)} FusedLoRALinear layers (e.g. {present[0][0]!r}); "
                          "lorafuse holds one adapter per model")
     targets = find_targets(model, config)
-    find_modules_to_save(model, config)  # fail on a bad name before anything changes
+    find_modules_to_save(model, config, warn=True)  # fail on a bad name before anything changes
     _warn_tied(model, targets)
     _warn_hooks(model, targets)
     for path in targets:

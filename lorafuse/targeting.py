@@ -223,17 +223,32 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
     return selected
 
 
-def find_modules_to_save(model: nn.Module, config: LoRAConfig) -> List[str]:
-    """Paths of the outermost modules named by `config.modules_to_save`; ValueError when a name matches none."""
+def find_modules_to_save(model: nn.Module, config: LoRAConfig, *, warn: bool = False) -> List[str]:
+    """Paths of the outermost modules named by `config.modules_to_save`.
+
+    ValueError when a name matches no module; for a config read from an adapter file (from_adapter_file),
+    only when no name matches: PEFT writes names a model may lack and skips them, and so does this, with a
+    warning when `warn` (apply_lora asks once).
+    """
     if not config.modules_to_save:
         return []
-    found = []
+    found, unmatched = [], []
     for name in config.modules_to_save:
         paths = [path for path, _ in model.named_modules() if path and matches_names((name,), path)]
-        if not paths:
-            raise ValueError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}; "
-                             f"its top-level modules are {_describe(n for n, _ in model.named_children())}")
+        if not paths and name not in unmatched:
+            unmatched.append(name)
         found.extend(paths)
+    top_level = _describe(n for n, _ in model.named_children())
+    if unmatched and not config.from_adapter_file:
+        raise ValueError(f"modules_to_save entry {unmatched[0]!r} matches no module of {type(model).__name__}; "
+                         f"its top-level modules are {top_level}")
+    if unmatched and not found:
+        raise ValueError(f"none of the adapter file's modules_to_save entries {unmatched} matches a module of "
+                         f"{type(model).__name__}; its top-level modules are {top_level}")
+    if unmatched and warn:
+        warnings.warn(f"modules_to_save entries {unmatched} of the adapter file match no module of "
+                      f"{type(model).__name__} and are ignored, as PEFT ignores them (a sequence-classification "
+                      "adapter names both 'classifier' and 'score')", stacklevel=3)
     # Drop modules nested in another selected one: their parameters are already covered.
     found = sorted(set(found))
     return [path for path in found if not any(path.startswith(other + ".") for other in found)]

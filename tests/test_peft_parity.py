@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, PeftModel, get_peft_model, set_peft_model_state_dict
-from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
+from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, tiny_llama_classifier, token_batch
 
 from lorafuse import LoRAConfig, LoRAModel, get_lora_model, kernels, lora_state_dict
 
@@ -82,6 +82,24 @@ def test_adapter_saved_by_peft_loads_in_lorafuse(tmp_path, build, config):
         lora_model.save_adapter(tmp_path / "again")
         again = PeftModel.from_pretrained(build(), tmp_path / "again").eval()
         torch.testing.assert_close(logits(again(input_ids=tokens)), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_sequence_classification_adapter_loads_in_lorafuse(tmp_path):
+    # PEFT's SEQ_CLS models add both "classifier" and "score" to modules_to_save and skip the one the
+    # model lacks; the file keeps both names.
+    peft_model = get_peft_model(tiny_llama_classifier(), LoraConfig(task_type="SEQ_CLS", r=4,
+                                                                    target_modules=["q_proj", "v_proj"])).eval()
+    _randomize_peft(peft_model)
+    _perturb_extras(peft_model)  # the score head trains fully
+    peft_model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match=r"modules_to_save entries \['classifier'\] of the adapter file match no "
+                                         r"module of LlamaForSequenceClassification"):
+        lora_model = LoRAModel.from_pretrained(tiny_llama_classifier(), tmp_path)
+    tokens = token_batch()
+    with torch.no_grad():
+        expected = logits(peft_model(input_ids=tokens))
+        assert (expected - logits(tiny_llama_classifier()(tokens))).abs().max() > 1e-3
+        torch.testing.assert_close(logits(lora_model(tokens)), expected, rtol=1e-5, atol=1e-5)
 
 
 def _count_kernel_calls(monkeypatch):

@@ -148,6 +148,26 @@ def test_modules_to_save_are_never_adapted(gpt2):
         find_modules_to_save(gpt2, LoRAConfig(modules_to_save=["head"]))
 
 
+def test_modules_to_save_from_an_adapter_file_drop_names_that_match_nothing(gpt2):
+    from lorafuse.adapter_io import config_from_adapter_dict
+
+    file_config = config_from_adapter_dict({"peft_type": "LORA", "r": 2, "target_modules": ["c_attn"],
+                                            "modules_to_save": ["classifier", "ln_f", "score"]})
+    assert file_config.from_adapter_file and not LoRAConfig().from_adapter_file
+    assert file_config.replace(r=4).from_adapter_file  # still the file's names
+    assert find_modules_to_save(gpt2, file_config) == ["transformer.ln_f"]
+    with pytest.warns(UserWarning, match=r"\['classifier', 'score'\] of the adapter file match no module of "
+                                         r"GPT2LMHeadModel and are ignored"):
+        find_modules_to_save(gpt2, file_config, warn=True)
+    # Built by hand, the same names are a mistake.
+    with pytest.raises(ValueError, match="modules_to_save entry 'classifier' matches no module"):
+        find_modules_to_save(gpt2, LoRAConfig(r=2, modules_to_save=["classifier", "ln_f", "score"]))
+    # From a file, a list of which nothing matches is still an error.
+    with pytest.raises(ValueError, match=r"none of the adapter file's modules_to_save entries \['classifier', "
+                                         r"'score'\] matches a module of GPT2LMHeadModel"):
+        find_modules_to_save(gpt2, file_config.replace(modules_to_save=["classifier", "score"]))
+
+
 @pytest.mark.parametrize("target", [["self_attn"], ["embed_tokens"], r".*\.layers\.0\.self_attn.*"])
 def test_targets_that_are_not_linear_layers_are_rejected(llama, target):
     with pytest.raises(TypeError, match=r"matched 'model\.\S+', a (LlamaAttention|Embedding), which cannot take an "
