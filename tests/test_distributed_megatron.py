@@ -23,6 +23,8 @@ HIDDEN, QKV, FFN = 32, 48, 64
 CONFIG = LoRAConfig(r=4, lora_alpha=8, target_modules="all-linear")
 #: fp64 (the kernels support it) so that sharded and unsharded results agree to 1e-10, whatever the sum order.
 DTYPE = torch.float64
+#: The wrapped layers of `Block`, by path.
+LINEARS = ("self_attention.linear_qkv", "self_attention.linear_proj", "mlp.linear_fc1", "mlp.linear_fc2")
 
 
 def _layer_classes(impl, sequence_parallel):
@@ -111,8 +113,7 @@ def _check(rank, world_size, impl, sequence_parallel):
 
     apply_lora_to_megatron_model(block, CONFIG)
     wrapped = {name: m for name, m in block.named_modules() if isinstance(m, MegatronLoRALinear)}
-    assert sorted(wrapped) == sorted(["self_attention.linear_qkv", "self_attention.linear_proj",
-                                      "mlp.linear_fc1", "mlp.linear_fc2"])
+    assert sorted(wrapped) == sorted(LINEARS)
     assert [n for n, p in block.named_parameters() if p.requires_grad] == \
         [f"{name}.lora_{ab}" for name in wrapped for ab in "AB"]
     if base_out is not None:
@@ -166,14 +167,16 @@ def _check(rank, world_size, impl, sequence_parallel):
 
 
 def _check_checkpoint_entries(rank, world_size):
-    """Megatron distributed-checkpoint metadata of a wrapped layer: the base weight under its unwrapped key,
-    the column-parallel B as this rank's slice of the global (N, r), A replicated."""
+    """Megatron distributed-checkpoint metadata of a wrapped layer: the base weight under the module's key and
+    the unwrapped on-disk key, the column-parallel B as this rank's slice of the global (N, r), A replicated."""
     torch.manual_seed(0)
     block = apply_lora_to_megatron_model(Block("megatron", False, gather=False), CONFIG)
     data_parallel = [dist.new_group([r]) for r in range(world_size)][rank]  # tp = world: dp groups of one
     entries = block.self_attention.linear_qkv.sharded_state_dict(prefix="layer.linear_qkv.",
                                                                  metadata={"dp_cp_group": data_parallel})
-    assert {"layer.linear_qkv.weight", "layer.linear_qkv.lora_A", "layer.linear_qkv.lora_B"} <= set(entries)
+    assert {"layer.linear_qkv.base_layer.weight", "layer.linear_qkv.lora_A", "layer.linear_qkv.lora_B"} <= set(entries)
+    weight = entries["layer.linear_qkv.base_layer.weight"]
+    assert weight.key == "layer.linear_qkv.weight" and tuple(weight.global_shape) == (QKV, HIDDEN)
     lora_B, lora_A = entries["layer.linear_qkv.lora_B"], entries["layer.linear_qkv.lora_A"]
     assert tuple(lora_B.global_shape) == (QKV, CONFIG.r)
     assert tuple(lora_B.global_offset) == (rank * QKV // world_size, 0)
@@ -181,6 +184,87 @@ def _check_checkpoint_entries(rank, world_size):
     row = block.self_attention.linear_proj.sharded_state_dict(prefix="p.", metadata={"dp_cp_group": data_parallel})
     assert tuple(row["p.lora_A"].global_shape) == (CONFIG.r, QKV)
     assert tuple(row["p.lora_A"].global_offset) == (0, rank * QKV // world_size)
+
+
+def _saved(entries):
+    """What a distributed checkpoint stores for `entries` at tp=1 (global = local): each ShardedTensor's or
+    ShardedObject's data under its on-disk key. megatron-core's own writer needs CUDA, hence this stand-in."""
+    return {entry.key: entry.data.detach().clone() if torch.is_tensor(entry.data) else entry.data
+            for entry in entries.values()}
+
+
+def _loaded(entries, disk):
+    """What `dist_checkpointing.load(entries, ...)` returns and Megatron passes to `model.load_state_dict`:
+    the dict keys of `entries`, each filled from disk by its entry's on-disk key."""
+    return {name: disk[entry.key] for name, entry in entries.items()}
+
+
+def _block_entries(block, data_parallel):
+    """The checkpoint entries of the block's four linears, each with its path as prefix, as Megatron's
+    MegatronModule.sharded_state_dict collects them from a TransformerLayer."""
+    entries = {}
+    for name in LINEARS:
+        entries.update(block.get_submodule(name).sharded_state_dict(prefix=f"{name}.",
+                                                                    metadata={"dp_cp_group": data_parallel}))
+    return entries
+
+
+def _seeded_block(seed):
+    """A tp=1 Megatron Block whose weights and biases depend on `seed` only (a layer holding a process group
+    cannot be deep-copied)."""
+    torch.manual_seed(seed)
+    block = Block("megatron", False, gather=False)
+    with torch.no_grad():
+        for name, param in block.named_parameters():
+            if name.endswith("bias"):
+                param.normal_()
+    return block
+
+
+def _check_checkpoint_round_trip(rank, world_size):
+    """sharded_state_dict's dict keys are the module's state_dict keys and its base on-disk keys the unwrapped
+    layer's: a wrapped checkpoint loads into a fresh wrapped model with load_state_dict(strict=True), an
+    unwrapped (base) checkpoint into the wrapped model's base layers, and the wrapped one into an unwrapped model."""
+    group = dist.group.WORLD
+    base = _seeded_block(0)
+    wrapped = apply_lora_to_megatron_model(_seeded_block(0), CONFIG)
+    with torch.no_grad():
+        for layer in wrapped.modules():
+            if isinstance(layer, MegatronLoRALinear):
+                layer.lora_B.normal_()
+
+    entries = _block_entries(wrapped, group)
+    assert set(entries) == set(wrapped.state_dict()), "dict keys must be the module's state_dict keys"
+    base_entries = _block_entries(base, group)
+    adapter_keys = {f"{name}.lora_{ab}" for name in LINEARS for ab in "AB"}
+    assert {entry.key for entry in entries.values()} == {entry.key for entry in base_entries.values()} | adapter_keys
+
+    # Wrapped checkpoint -> fresh wrapped model (resuming LoRA training).
+    disk = _saved(entries)
+    fresh = apply_lora_to_megatron_model(_seeded_block(1), CONFIG)
+    fresh.load_state_dict(_loaded(_block_entries(fresh, group), disk), strict=True)
+    for key, tensor in wrapped.state_dict().items():
+        if torch.is_tensor(tensor):
+            torch.testing.assert_close(fresh.state_dict()[key], tensor, rtol=0, atol=0)
+
+    # Base checkpoint -> the wrapped model's base layers (the adapter entries are not in it).
+    adapted = apply_lora_to_megatron_model(_seeded_block(1), CONFIG)
+    base_disk = _saved(base_entries)
+    requested = {name: entry for name, entry in _block_entries(adapted, group).items() if ".lora_" not in name}
+    result = adapted.load_state_dict(_loaded(requested, base_disk), strict=False)
+    assert sorted(result.missing_keys) == sorted(name for name in adapted.state_dict() if ".lora_" in name)
+    assert not result.unexpected_keys
+    for name, tensor in base.state_dict().items():
+        if torch.is_tensor(tensor):
+            path, _, leaf = name.rpartition(".")
+            torch.testing.assert_close(adapted.state_dict()[f"{path}.base_layer.{leaf}"], tensor, rtol=0, atol=0)
+
+    # Wrapped checkpoint -> an unwrapped model (the base weights without the adapter).
+    unwrapped = _seeded_block(1)
+    unwrapped.load_state_dict(_loaded(_block_entries(unwrapped, group), disk), strict=True)
+    for name, tensor in base.state_dict().items():
+        if torch.is_tensor(tensor):
+            torch.testing.assert_close(unwrapped.state_dict()[name], tensor, rtol=0, atol=0)
 
 
 def _megatron_worker(rank, world_size, impl):
@@ -199,6 +283,13 @@ def test_megatron_standin_tensor_parallel_matches_unsharded():
                     reason="megatron-core is not installed (the stand-in test covers the interface)")
 def test_megatron_core_tensor_parallel_matches_unsharded():
     run_workers(_megatron_worker, 2, "megatron")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("megatron") is None or
+                    importlib.util.find_spec("megatron.core") is None,
+                    reason="megatron-core is not installed (sharded_state_dict needs its checkpoint classes)")
+def test_megatron_core_checkpoint_keys_match_module():
+    run_workers(_check_checkpoint_round_trip, 1)
 
 
 def test_apply_rejects_what_it_cannot_wrap():

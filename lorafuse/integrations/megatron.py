@@ -185,12 +185,18 @@ class MegatronLoRALinear(nn.Module):
         return y + base.bias, None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Megatron distributed-checkpoint entries: the base layer's under its own keys (as if unwrapped, so a
-        base checkpoint loads into the adapted model), and the adapter's with its tensor-parallel axis."""
+        """Megatron distributed-checkpoint entries: the base layer's and the adapter's (with its tensor-parallel
+        axis). Dict keys are this module's `state_dict()` keys ("<prefix>base_layer.weight"), since Megatron
+        loads with `model.load_state_dict` under them; the base layer's on-disk keys (ShardedTensor.key) are
+        the unwrapped layer's ("<prefix>weight"), so base checkpoints load into the adapted model and back."""
+        from megatron.core.dist_checkpointing.utils import apply_prefix_mapping
         from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-        entries = self.base_layer.sharded_state_dict(prefix=prefix, sharded_offsets=sharded_offsets,
+        entries = self.base_layer.sharded_state_dict(prefix=f"{prefix}base_layer.", sharded_offsets=sharded_offsets,
                                                      metadata=metadata)
+        # Renames ShardedTensor/ShardedObject keys in place, as TransformerLayer does for its own key map;
+        # the dict keys stay.
+        apply_prefix_mapping(entries, {f"{prefix}base_layer.": prefix})
         axis = {"lora_B": 0} if self.parallel_mode == "column" else {"lora_A": 1}
         options = {}
         accepted = inspect.signature(make_sharded_tensors_for_checkpoint).parameters
