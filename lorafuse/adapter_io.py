@@ -89,8 +89,9 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     """Copy an adapter state dict (lorafuse's or PEFT's keys, with or without "base_model.model.") into
     `model`'s FusedLoRALinear layers (and, with `config`, its trained biases and modules_to_save).
 
-    Shape mismatches always raise ValueError, as do missing or unexpected keys when `strict`; nothing is
-    copied unless every check passes. Merged layers are unmerged for the copy and merged again.
+    Shape mismatches and parameters on the meta device always raise ValueError, as do missing or unexpected
+    keys when `strict`; nothing is copied unless every check passes. Merged layers are unmerged for the copy
+    and merged again.
     """
     if not isinstance(state_dict, dict):
         raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
@@ -120,6 +121,12 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     if mismatched:
         raise ValueError("adapter shapes do not match the model (a different r or base model?): "
                          + "; ".join(mismatched))
+    # A copy into a meta tensor succeeds and stores nothing: the adapter would silently stay unloaded.
+    on_meta = [name for name in incoming if name in expected and expected[name].is_meta]
+    if on_meta:
+        raise ValueError(f"{_listing(on_meta)} {'is' if len(on_meta) == 1 else 'are'} on the meta device (the model "
+                         "was built without memory), so loading would store nothing: materialize the model first, "
+                         "e.g. model.to_empty(device=...), then load the adapter")
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     for layer in merged:
         layer.unmerge()

@@ -157,10 +157,12 @@ class LoRAModel(nn.Module):
     @classmethod
     def from_pretrained(cls, model: nn.Module, path, *, is_trainable: bool = False) -> "LoRAModel":
         """Apply the adapter saved in directory `path` (by lorafuse or PEFT) to `model`, with its own config.
-        Its parameters are frozen unless `is_trainable`."""
+        Unless `is_trainable`, the model is put in eval mode (dropout off) and the adapter's parameters are
+        frozen, as PEFT does for inference."""
         lora_model = cls(model, adapter_io.read_adapter_config(path))
         lora_model.load_adapter(path)
         if not is_trainable:
+            lora_model.eval()
             for param in lora_model.trainable_parameters():
                 param.requires_grad_(False)
         return lora_model

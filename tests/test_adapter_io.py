@@ -8,7 +8,14 @@ import safetensors.torch
 import torch
 from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 
-from lorafuse import LoRAConfig, LoRAModel, get_lora_model, load_lora_state_dict, lora_state_dict, read_adapter_config
+from lorafuse import (
+    LoRAConfig,
+    LoRAModel,
+    get_lora_model,
+    load_lora_state_dict,
+    lora_state_dict,
+    read_adapter_config,
+)
 from lorafuse.adapter_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 
@@ -233,3 +240,22 @@ def test_peft_config_fields_map_onto_lorafuse_config():
     no_restriction = dict(peft_style, layers_to_transform=[], layers_pattern="layers")
     assert config_from_adapter_dict(no_restriction).layers_to_transform is None
     assert config_from_adapter_dict({"peft_type": "LORA", "r": 2}) == LoRAConfig(r=2, lora_alpha=8)
+
+
+def test_loading_into_adapters_on_the_meta_device_is_refused(tmp_path):
+    _adapted().save_adapter(tmp_path)
+    with torch.device("meta"):
+        model = tiny_llama()
+    lora_model = get_lora_model(model, LoRAConfig(r=4))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj\.lora_A, .* are on the meta device"):
+        lora_model.load_adapter(tmp_path)
+
+
+def test_from_pretrained_for_inference_is_in_eval_mode_and_frozen(tmp_path):
+    _adapted().save_adapter(tmp_path)
+    loaded = LoRAModel.from_pretrained(tiny_llama().train(), tmp_path)
+    assert not any(module.training for module in loaded.modules())
+    assert loaded.trainable_parameters() == []
+    trainable = LoRAModel.from_pretrained(tiny_llama().train(), tmp_path, is_trainable=True)
+    assert trainable.training and trainable.trainable_parameters()
+
