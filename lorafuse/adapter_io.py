@@ -7,10 +7,11 @@ is `<path>.base_layer.bias` (PEFT keeps the wrapped layer as `base_layer`); othe
 (bias="all", modules_to_save) keep their own path. Nothing is ever read with pickle.
 """
 
+import hashlib
 import json
 import os
-import tempfile
-from typing import Callable, Dict, List, NamedTuple, Optional
+import secrets
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import safetensors
 import safetensors.torch
@@ -25,6 +26,8 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 #: PEFT's files name parameters relative to PeftModel, whose `base_model.model` is the user's model.
 PEFT_PREFIX = "base_model.model."
+#: Metadata key of a weights file lorafuse writes: the sha256 of the adapter_config.json written with it.
+CONFIG_SHA256_KEY = "lorafuse_config_sha256"
 
 #: PEFT options that change what an adapter computes and that lorafuse does not implement: loading an
 #: adapter that uses one would silently give other outputs, so it is refused.
@@ -220,33 +223,69 @@ def _adapter_file(path, name: str) -> str:
     return file
 
 
-def read_adapter_config(path) -> LoRAConfig:
-    """The LoRAConfig of the adapter saved in directory `path`."""
+def _read_config_file(path) -> Tuple[LoRAConfig, bytes, str]:
+    """(config, the file's bytes, its path) of `path`/adapter_config.json."""
     file = _adapter_file(path, ADAPTER_CONFIG)
+    with open(file, "rb") as f:
+        content = f.read()
     try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
+        data = json.loads(content.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
-    return config_from_adapter_dict(data, source=file)
+    return config_from_adapter_dict(data, source=file), content, file
 
 
-def read_adapter_weights(path) -> Dict[str, torch.Tensor]:
-    """The tensors of `path`/adapter_model.safetensors, on CPU."""
+def _read_weights_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], str]:
+    """(tensors on CPU, the header's metadata, the file's path) of `path`/adapter_model.safetensors."""
     file = _adapter_file(path, ADAPTER_WEIGHTS)
     with open(file, "rb") as f:
         data = f.read()
     try:
-        return safetensors.torch.load(data)
+        tensors = safetensors.torch.load(data)
     except (safetensors.SafetensorError, ValueError, RuntimeError) as err:
         raise ValueError(f"{file} is not a readable safetensors file ({len(data)} bytes): {err}") from None
+    # The format: an 8-byte little-endian header length, then the JSON header (valid: load() parsed it).
+    header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    return tensors, header.get("__metadata__") or {}, file
+
+
+def read_adapter_config(path) -> LoRAConfig:
+    """The LoRAConfig of the adapter saved in directory `path`."""
+    return _read_config_file(path)[0]
+
+
+def read_adapter_weights(path) -> Dict[str, torch.Tensor]:
+    """The tensors of `path`/adapter_model.safetensors, on CPU."""
+    return _read_weights_file(path)[0]
+
+
+def read_adapter(path) -> Tuple[LoRAConfig, Dict[str, torch.Tensor]]:
+    """The config and tensors of the adapter in directory `path`, checked to belong together.
+
+    Two files cannot be renamed as one: a save interrupted between them leaves new weights beside the old
+    config. lorafuse's weights record the sha256 of the config written with them (CONFIG_SHA256_KEY), and a
+    config with another hash is refused with ValueError. Files without the record (PEFT's) load as they are.
+    """
+    config, config_bytes, config_file = _read_config_file(path)
+    tensors, metadata, weights_file = _read_weights_file(path)
+    recorded = metadata.get(CONFIG_SHA256_KEY)
+    if recorded is not None and recorded != hashlib.sha256(config_bytes).hexdigest():
+        raise ValueError(f"{weights_file} and {config_file} do not belong together: the weights were saved with "
+                         "another adapter_config.json (a save interrupted between the two files, or a config edited "
+                         "or copied in afterwards); save the adapter again")
+    return config, tensors
 
 
 def _atomic_write(file: str, write: Callable[[object], None]) -> None:
     """Write `file` through a temporary file in the same directory, then rename it into place, so that a
-    crash or interrupt leaves either the old file or the new one, never a part."""
+    crash or interrupt leaves either the old file or the new one, never a part. The file gets the mode any
+    new file gets (0666 less the umask)."""
     directory = os.path.dirname(file) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(file)}.", suffix=".tmp", dir=directory)
+    tmp = os.path.join(directory, f".{os.path.basename(file)}.{secrets.token_hex(8)}.tmp")
+    # Not tempfile.mkstemp: it creates the file 0600 and the rename keeps that, so a group sharing the output
+    # directory could not read the adapter. Mode 0666 lets the umask decide, as for open(); O_EXCL refuses
+    # an existing name (or a symlink planted under it).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -264,8 +303,8 @@ def _atomic_write(file: str, write: Callable[[object], None]) -> None:
 def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     """Write the adapter of `model` (adapted by `config`) to directory `path` in PEFT's layout.
 
-    The weights file is written first, then the config, each atomically: re-saving a run's adapter
-    (same config) can never leave a half-written file behind.
+    The weights file is written first, then the config, each atomically: no file is ever half-written, and
+    a save cut off between the two is refused on loading (`read_adapter`).
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}")
@@ -277,16 +316,19 @@ def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
 def write_adapter_files(path, state_dict: dict, config_dict: dict) -> None:
     """Write `state_dict` and `config_dict` into directory `path` as PEFT's two adapter files.
 
-    The weights file is written first, then the config, each atomically (`_atomic_write`).
+    The weights file is written first, then the config, each atomically (`_atomic_write`). The weights'
+    metadata holds the sha256 of the config text, so that `read_adapter` can tell when a save was cut off
+    between the two.
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    config_bytes = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8")
     # Copies on CPU: safetensors refuses tensors that share storage (tied modules_to_save weights).
     tensors = {key: value.to("cpu", copy=True).contiguous() for key, value in state_dict.items()}
-    weights = safetensors.torch.save(tensors, metadata={"format": "pt"})
-    text = json.dumps(config_dict, indent=2, sort_keys=True) + "\n"
+    metadata = {"format": "pt", CONFIG_SHA256_KEY: hashlib.sha256(config_bytes).hexdigest()}
+    weights = safetensors.torch.save(tensors, metadata=metadata)
     _atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
-    _atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(text.encode("utf-8")))
+    _atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(config_bytes))
 
 
 def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str) -> None:
@@ -310,10 +352,10 @@ def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str
 def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     """Load the adapter in directory `path` (written by lorafuse or PEFT) into `model` adapted by `config`.
 
-    Raises ValueError listing missing or unexpected keys, shape mismatches, or layers whose scaling differs
-    from the adapter's; FileNotFoundError when a file is absent.
+    Raises ValueError for files that do not belong together (`read_adapter`), listing missing or unexpected
+    keys, shape mismatches, or layers whose scaling differs from the adapter's; FileNotFoundError when a file
+    is absent.
     """
-    file_config = read_adapter_config(path)
-    state_dict = read_adapter_weights(path)
+    file_config, state_dict = read_adapter(path)
     check_adapter_scaling(model, file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
     load_lora_state_dict(model, state_dict, strict=True, config=config)

@@ -1,9 +1,12 @@
 """Adapters on disk: PEFT's layout, round trips, atomic writes, and the files and state dicts refused."""
 
+import hashlib
 import json
 import os
+import stat
 
 import pytest
+import safetensors
 import safetensors.torch
 import torch
 from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
@@ -11,6 +14,7 @@ from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, token
 from lorafuse import (
     LoRAConfig,
     LoRAModel,
+    adapter_io,
     get_lora_model,
     load_lora_state_dict,
     lora_state_dict,
@@ -259,3 +263,41 @@ def test_from_pretrained_for_inference_is_in_eval_mode_and_frozen(tmp_path):
     trainable = LoRAModel.from_pretrained(tiny_llama().train(), tmp_path, is_trainable=True)
     assert trainable.training and trainable.trainable_parameters()
 
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_mode_of_a_new_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        _adapted().save_adapter(tmp_path)
+    finally:
+        os.umask(previous)
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
+
+
+def test_weights_record_the_hash_of_their_config(tmp_path):
+    _adapted().save_adapter(tmp_path)
+    with safetensors.safe_open(tmp_path / ADAPTER_WEIGHTS, "pt") as f:
+        recorded = f.metadata()["lorafuse_config_sha256"]
+    assert recorded == hashlib.sha256((tmp_path / ADAPTER_CONFIG).read_bytes()).hexdigest()
+
+
+def test_a_save_interrupted_between_the_two_files_is_detected(tmp_path, monkeypatch):
+    _adapted(config=LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])).save_adapter(tmp_path)
+    real_write = adapter_io._atomic_write
+
+    def write(file, content):
+        if file.endswith(ADAPTER_CONFIG):
+            raise KeyboardInterrupt  # killed after the new weights were renamed into place
+        real_write(file, content)
+
+    monkeypatch.setattr(adapter_io, "_atomic_write", write)
+    with pytest.raises(KeyboardInterrupt):
+        _adapted(config=LoRAConfig(r=4, target_modules=["q_proj", "k_proj"])).save_adapter(tmp_path)
+    monkeypatch.undo()
+    target = get_lora_model(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "k_proj"]))
+    with pytest.raises(ValueError, match="adapter_model.safetensors and .*adapter_config.json do not belong together"):
+        target.load_adapter(tmp_path)
+    with pytest.raises(ValueError, match="do not belong together"):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path)

@@ -120,9 +120,9 @@ def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
 
 def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     """`lorafuse.adapter_io.load_adapter` for a distributed model: every rank reads the files in `path`
-    and keeps its own shards. Raises as the single-device loader does (keys, shapes, scaling)."""
-    file_config = adapter_io.read_adapter_config(path)
-    state_dict = adapter_io.read_adapter_weights(path)
+    and keeps its own shards. Raises as the single-device loader does (files that do not belong together,
+    keys, shapes, scaling)."""
+    file_config, state_dict = adapter_io.read_adapter(path)  # also refuses files that do not belong together
     adapter_io.check_adapter_scaling(unwrap(model), file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
     distribute_lora_state_dict(model, state_dict, strict=True, config=config)
 
