@@ -276,11 +276,17 @@ def test_saved_files_get_the_mode_of_a_new_file(tmp_path, umask):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o666 & ~umask, name
 
 
+def _config_hashes(directory):
+    """(the config sha256 the weights file records, that of the config file beside it)."""
+    with safetensors.safe_open(directory / ADAPTER_WEIGHTS, "pt") as f:
+        recorded = f.metadata()["lorafuse_config_sha256"]
+    return recorded, hashlib.sha256((directory / ADAPTER_CONFIG).read_bytes()).hexdigest()
+
+
 def test_weights_record_the_hash_of_their_config(tmp_path):
     _adapted().save_adapter(tmp_path)
-    with safetensors.safe_open(tmp_path / ADAPTER_WEIGHTS, "pt") as f:
-        recorded = f.metadata()["lorafuse_config_sha256"]
-    assert recorded == hashlib.sha256((tmp_path / ADAPTER_CONFIG).read_bytes()).hexdigest()
+    recorded, actual = _config_hashes(tmp_path)
+    assert recorded == actual
 
 
 def test_a_save_interrupted_between_the_two_files_is_detected(tmp_path, monkeypatch):
@@ -301,3 +307,19 @@ def test_a_save_interrupted_between_the_two_files_is_detected(tmp_path, monkeypa
         target.load_adapter(tmp_path)
     with pytest.raises(ValueError, match="do not belong together"):
         LoRAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_the_distributed_saver_and_loader_share_the_config_hash(tmp_path):
+    from lorafuse.distributed import state_dict as distributed
+
+    # Outside a process group the distributed functions work on one process, through the same files.
+    config = LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])
+    distributed.save_adapter(_adapted(config=config), tmp_path, config=config)
+    recorded, actual = _config_hashes(tmp_path)
+    assert recorded == actual
+    other = tmp_path / "other"
+    _adapted(config=LoRAConfig(r=4, target_modules=["q_proj", "k_proj"])).save_adapter(other)
+    (tmp_path / ADAPTER_CONFIG).write_bytes((other / ADAPTER_CONFIG).read_bytes())
+    other_config = LoRAConfig(r=4, target_modules=["q_proj", "k_proj"])
+    with pytest.raises(ValueError, match="do not belong together"):
+        distributed.load_adapter(get_lora_model(tiny_llama(), other_config), tmp_path, config=other_config)
