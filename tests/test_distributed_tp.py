@@ -137,6 +137,106 @@ def _check_llama_block(rank, mesh):
     _close(fresh(x), y_ref, "block y after load", tol=1e-4)
 
 
+def _check_uneven(rank, mesh):
+    """out_features (column) and in_features (row) that do not divide over 2 ranks: DTensor splits them as
+    torch.chunk does (5 -> 3 + 2), and outputs and gradients equal the unsharded layer's."""
+    world = mesh.size()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(21))
+
+    # Column-parallel, N = 5, with dropout (every rank the same seed): the output as a DTensor of global (3, 5).
+    reference = _layer(8, 5, dropout=0.25)
+    sharded = parallelize_module(copy.deepcopy(reference), mesh, ColwiseLoRAParallel(use_local_output=False))
+    assert sharded.lora_B.to_local().shape == ((3, 4) if rank == 0 else (2, 4))
+    (y_ref, y), (dx_ref, dx) = _run_both(reference, sharded, x, seed=22)
+    assert y.shape == (3, 5)
+    _close(y, y_ref, "uneven colwise y")
+    _close(dx, dx_ref, "uneven colwise dx")
+    for name in ("lora_A", "lora_B"):
+        _close(getattr(sharded, name).grad, getattr(reference, name).grad, f"uneven colwise d{name}")
+
+    # Row-parallel, K = 5, the whole input split by the style.
+    x5 = torch.randn(3, 5, generator=torch.Generator().manual_seed(23))
+    reference = _layer(5, 8, dropout=0.0)
+    sharded = parallelize_module(copy.deepcopy(reference), mesh, RowwiseLoRAParallel(input_layouts=Replicate()))
+    assert sharded.lora_A.to_local().shape == ((4, 3) if rank == 0 else (4, 2))
+    (y_ref, y), (dx_ref, dx) = _run_both(reference, sharded, x5, seed=24)
+    _close(y, y_ref, "uneven rowwise y")
+    _close(dx, dx_ref, "uneven rowwise dx")
+    for name in ("lora_A", "lora_B"):
+        _close(getattr(sharded, name).grad, getattr(reference, name).grad, f"uneven rowwise d{name}")
+
+    # The usual pair: the column layer's local (3, 3) / (3, 2) output is the row layer's Shard(-1) input.
+    torch.manual_seed(5)
+    reference = torch.nn.Sequential(_layer(8, 5, dropout=0.0), _layer(5, 8, dropout=0.0, bias=False))
+    sharded = parallelize_module(copy.deepcopy(reference), mesh,
+                                 {"0": ColwiseLoRAParallel(), "1": RowwiseLoRAParallel()})
+    (y_ref, y), (dx_ref, dx) = _run_both(reference, sharded, x, seed=25)
+    _close(y, y_ref, "uneven pair y")
+    _close(dx, dx_ref, "uneven pair dx")
+    for index in ("0", "1"):
+        for name in ("lora_A", "lora_B"):
+            _close(getattr(sharded.get_submodule(index), name).grad,
+                   getattr(reference.get_submodule(index), name).grad, f"uneven pair {index}.d{name}")
+
+    # A column-parallel layer fed a feature-sharded input (Shard(-1), K = 5): all-gathered into the whole x.
+    reference = _layer(5, 8, dropout=0.0)
+    sharded = parallelize_module(copy.deepcopy(reference), mesh, ColwiseLoRAParallel(input_layouts=Shard(-1)))
+    x_local = x5.chunk(world, dim=-1)[rank].clone().requires_grad_()
+    y = sharded(x_local)
+    y_ref = reference(x5)
+    _close(y, y_ref.chunk(world, dim=-1)[rank], "feature-sharded colwise input, y")
+
+    # A Shard(-1) input that is not this rank's share of in_features is refused, naming the layer and sizes.
+    row = parallelize_module(_layer(5, 8, dropout=0.0), mesh, RowwiseLoRAParallel())
+    with pytest.raises(ValueError, match=rf"in_features=5, out_features=8.*rank {rank}.*\(3, 4\).*over {world}"):
+        row(torch.zeros(3, 4))
+
+    # Splitting in_features = 1 leaves rank 1 no input feature, which the kernel cannot take: refused on every
+    # rank when the style is applied. (An empty output slice works: column-parallel out_features = 1.)
+    with pytest.raises(ValueError, match=r"FusedLoRALinear\(in_features=1, out_features=8\).*over 2 .*\[1\]"):
+        parallelize_module(_layer(1, 8, dropout=0.0), mesh, RowwiseLoRAParallel())
+    reference = _layer(8, 1, dropout=0.0)
+    sharded = parallelize_module(copy.deepcopy(reference), mesh, ColwiseLoRAParallel(output_layouts=Replicate()))
+    (y_ref, y), _ = _run_both(reference, sharded, x, seed=26)
+    _close(y, y_ref, "colwise out_features=1 y")
+    _close(sharded.lora_A.grad, reference.lora_A.grad, "colwise out_features=1 dA")
+
+
+def _check_dropout_seed_per_rank(rank, mesh):
+    """Column-parallel dropout when the tensor-parallel ranks' generators differ (docs/distributed.md): each rank
+    draws its own mask for its slice of the output, and the gradients are those of that output, i.e. the
+    unsharded layer run once per rank's seed, each run contributing the output columns that rank holds."""
+    world = mesh.size()
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(31))
+    reference = _layer(8, 5, dropout=0.5)
+    sharded = parallelize_module(copy.deepcopy(reference), mesh, ColwiseLoRAParallel(use_local_output=False))
+    weights = torch.linspace(-1, 1, 15).view(3, 5)
+
+    x_in = x.clone().requires_grad_()
+    torch.manual_seed(100 + rank)
+    y = sharded(x_in).full_tensor()
+    (y * weights).sum().backward()
+
+    x_ref = x.clone().requires_grad_()
+    expected = torch.empty(3, 5)
+    for owner, columns in enumerate(torch.arange(5).chunk(world)):
+        torch.manual_seed(100 + owner)
+        y_owner = reference(x_ref)
+        expected[:, columns] = y_owner[:, columns].detach()
+        (y_owner[:, columns] * weights[:, columns]).sum().backward()
+    assert not torch.equal(expected[:, :3], reference.eval()(x)[:, :3]), "dropout must have dropped something"
+    _close(y, expected, "per-rank-seed colwise y")
+    _close(x_in.grad, x_ref.grad, "per-rank-seed colwise dx")
+    for name in ("lora_A", "lora_B"):
+        _close(getattr(sharded, name).grad, getattr(reference, name).grad, f"per-rank-seed colwise d{name}")
+
+
+def _uneven_worker(rank, world_size):
+    mesh = init_device_mesh("cpu", (world_size,))
+    _check_uneven(rank, mesh)
+    _check_dropout_seed_per_rank(rank, mesh)
+
+
 def _tp_worker(rank, world_size):
     mesh = init_device_mesh("cpu", (world_size,))
     _check_single_layers(rank, mesh)
@@ -146,3 +246,7 @@ def _tp_worker(rank, world_size):
 
 def test_tensor_parallel_matches_unsharded():
     run_workers(_tp_worker, 2)
+
+
+def test_tensor_parallel_uneven_shards_match_unsharded():
+    run_workers(_uneven_worker, 2)

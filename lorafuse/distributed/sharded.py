@@ -39,6 +39,32 @@ def normalized(placement, ndim):
     return placement
 
 
+def shard_size(total: int, world: int, rank: int) -> int:
+    """This rank's share when `total` is split over `world` ranks as DTensor's Shard splits it (torch.chunk:
+    ceil(total / world) each, the last ranks short or empty; 5 over 2 -> 3, 2)."""
+    chunk = -(-total // world)
+    return max(0, min(chunk, total - rank * chunk))
+
+
+def check_row_split(layer: str, in_features: int, world: int) -> None:
+    """ValueError when splitting in_features over `world` ranks leaves a rank no input feature (1 over 2, or
+    5 over 4: 2, 2, 1, 0): the fused kernel takes no empty K. An empty output slice (column-parallel) works."""
+    empty = [rank for rank in range(world) if shard_size(in_features, world, rank) == 0]
+    if empty:
+        raise ValueError(f"row-parallel {layer} cannot split in_features={in_features} over {world} tensor-parallel "
+                         f"ranks: DTensor gives {-(-in_features // world)} per rank and leaves rank(s) {empty} none; "
+                         f"use fewer ranks or column-parallel for this layer")
+
+
+def contiguous_strides(shape) -> tuple:
+    """The strides of a contiguous tensor of `shape`: what `DTensor.from_local` needs beside `shape=`."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def _placement(name, tensor):
     if not isinstance(tensor, DTensor):
         raise TypeError(f"{name} is a plain {type(tensor).__name__} while other LoRA parameters are DTensors; "
@@ -67,7 +93,7 @@ def layout_of(weight, bias, lora_A, lora_B) -> str:
                      f"or row-parallel {LAYOUTS['row']} for (weight, lora_A, lora_B, bias)")
 
 
-def _expect_input(x, placement, layout):
+def _expect_input(x, placement, layout, in_features):
     if not isinstance(x, DTensor):
         raise TypeError(f"x is a plain tensor but the layer's parameters are {layout}-parallel DTensors; "
                         f"parallelize_module with ColwiseLoRAParallel/RowwiseLoRAParallel turns the input into a "
@@ -75,6 +101,11 @@ def _expect_input(x, placement, layout):
     if tuple(normalized(p, x.dim()) for p in x.placements) != (placement,):
         raise ValueError(f"x has placements {tuple(x.placements)}; a {layout}-parallel LoRA layer needs "
                          f"({placement},)")
+    if x.shape[-1] != in_features:
+        # A feature-sharded DTensor made by from_local without shape= takes its global size as local * ranks,
+        # which is wrong when in_features does not divide over the ranks.
+        raise ValueError(f"x has global shape {tuple(x.shape)} but the {layout}-parallel layer has in_features="
+                         f"{in_features}; build a feature-sharded input with DTensor.from_local(..., shape=...)")
 
 
 def sharded_lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
@@ -86,16 +117,23 @@ def sharded_lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, 
     mesh = weight.device_mesh
     group = mesh.get_group()
     last = x.dim() - 1
+    # Global sizes of the DTensors: (r, K) and (N, r), however unevenly K or N split over the ranks.
+    in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     if layout == "column":
-        _expect_input(x, Replicate(), layout)
+        _expect_input(x, Replicate(), layout, in_features)
         # Each rank holds a slice of dy, so its dx is a partial sum: Partial, reduced by DTensor upstream.
         x_local = x.to_local(grad_placements=[Partial()])
         lora_A_local = all_reduce_in_backward(lora_A.to_local(), group)
         y = lora_linear(x_local, weight.to_local(), None if bias is None else bias.to_local(), lora_A_local,
                         lora_B.to_local(), scaling=scaling, dropout_p=dropout_p, seed=seed)
-        return DTensor.from_local(y, mesh, [Shard(last)], run_check=False)
+        # The global shape is given, not inferred: from_local would take it as (..., N_local * ranks), which is
+        # wrong when N does not divide (N=5 on 2 ranks holds 3 + 2 columns, not 2 * 3 or 2 * 2).
+        shape = (*y.shape[:-1], out_features)
+        return DTensor.from_local(y, mesh, [Shard(last)], run_check=False, shape=shape,
+                                  stride=contiguous_strides(shape))
 
-    _expect_input(x, Shard(last), layout)
+    _expect_input(x, Shard(last), layout, in_features)
+    check_row_split(f"layer (in_features={in_features}, out_features={out_features})", in_features, mesh.size())
     if dropout_p > 0.0:
         seed = seed + mesh.get_local_rank()
     lora_B_local = all_reduce_in_backward(lora_B.to_local(), group)

@@ -16,7 +16,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
 from ..layer import FusedLoRALinear
-from .sharded import LAYOUTS, normalized
+from .sharded import LAYOUTS, check_row_split, contiguous_strides, normalized, shard_size
 
 
 def _check_module(module, style):
@@ -52,10 +52,32 @@ def _partition(placements, src_data_rank, name, module, device_mesh):
         module.register_parameter(param_name, nn.Parameter(dist_param, requires_grad=param.requires_grad))
 
 
+def _input_dtensor(x, input_layout, module, device_mesh):
+    """The local input `x` as a DTensor. Split on the feature (last) dim, its global size is the layer's
+    in_features, which need not divide over the ranks (5 over 2: 3 + 2), so it is passed to from_local, and
+    this rank must hold its share. Split on another dim (Shard(1), sequence parallelism) the global size is
+    known to no single rank and from_local takes it as local * ranks, as torch's SequenceParallel does: the
+    sequence length must divide over the tensor-parallel ranks."""
+    layout = normalized(input_layout, x.dim())
+    if not (isinstance(layout, Shard) and layout.dim == x.dim() - 1):
+        return DTensor.from_local(x, device_mesh, [input_layout], run_check=False)
+    world, rank = device_mesh.size(), device_mesh.get_local_rank()
+    expected = shard_size(module.in_features, world, rank)
+    if x.shape[-1] != expected:
+        raise ValueError(f"{type(module).__name__}(in_features={module.in_features}, out_features="
+                         f"{module.out_features}) with input_layouts={input_layout}: tensor-parallel rank {rank} "
+                         f"got an input of shape {tuple(x.shape)}, but its share of in_features={module.in_features} "
+                         f"over {world} ranks is {expected} features (DTensor's split, as a column-parallel "
+                         f"layer's local output has it)")
+    shape = (*x.shape[:-1], module.in_features)
+    return DTensor.from_local(x, device_mesh, [input_layout], run_check=False, shape=shape,
+                              stride=contiguous_strides(shape))
+
+
 def _prepare_input(input_layout, desired_layout, module, inputs, device_mesh):
     x = inputs[0]
     if not isinstance(x, DTensor):
-        x = DTensor.from_local(x, device_mesh, [input_layout], run_check=False)
+        x = _input_dtensor(x, input_layout, module, device_mesh)
     if tuple(normalized(p, x.dim()) for p in x.placements) != (normalized(desired_layout, x.dim()),):
         x = x.redistribute(placements=[desired_layout])
     return (x, *inputs[1:])
@@ -85,6 +107,9 @@ class _LoRAParallel(ParallelStyle):
         if device_mesh.ndim != 1:
             raise ValueError(f"{type(self).__name__} needs a 1-D tensor-parallel mesh, got {device_mesh.ndim}-D "
                              f"{device_mesh}; pass mesh['tp'] of a 2-D mesh")
+        if self.layout == "row":
+            check_row_split(f"FusedLoRALinear(in_features={module.in_features}, out_features={module.out_features})",
+                            module.in_features, device_mesh.size())
         placements = _stored_placements(module, self.layout)
         return distribute_module(
             module, device_mesh,
