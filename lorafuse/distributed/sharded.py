@@ -16,9 +16,18 @@ Row-parallel: W and A are split on K, B and the bias are replicated, x arrives s
     Backward: dy is whole on every rank, so dx_r and dA_r are this rank's slices; dB_r = s * dy^T @ xa_r is
     a partial sum, all-reduced (N*r elements).
 
-Dropout: column-parallel ranks see the same x and use the same seed, so they draw the unsharded layer's
-mask. Row-parallel ranks hold different columns of x; the mask counter restarts at each slice, so the
-seed is offset by the rank to keep the slices' masks independent (not the unsharded layer's mask).
+Dropout: column-parallel ranks see the same x and draw the seed from their own generator, so they draw the
+unsharded layer's mask when the generators agree (torch seeded alike on the tensor-parallel ranks, as
+Megatron's model_parallel_cuda_manual_seed and torchtitan do). Otherwise each rank's output slice has its own
+mask: still dropout at rate p, with exact gradients for that output, just not the unsharded layer's mask.
+The seed is not broadcast: that would be a collective in every column-parallel training forward (and in
+each checkpoint recompute) for a parity that ordinary seeding already gives.
+Row-parallel ranks hold different columns of x; the mask counter restarts at each slice, so the seed is
+offset by the rank to keep the slices' masks independent (not the unsharded layer's mask).
+
+Uneven sizes: N (column) and K (row) need not divide over the ranks; DTensor splits them as torch.chunk
+does (5 over 2: 3 + 2), and every DTensor made here from local pieces is given its global shape. A row
+split that leaves a rank no input feature is refused (the kernel takes no empty K).
 """
 
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard

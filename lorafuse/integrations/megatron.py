@@ -160,6 +160,8 @@ class MegatronLoRALinear(nn.Module):
                 x = all_reduce_in_backward(x, group)
             # Each rank's dA uses its slice of dy: a partial sum, like dx.
             lora_A = all_reduce_in_backward(lora_A, group)
+        # The dropout seed comes from the default generator, which model_parallel_cuda_manual_seed seeds alike on
+        # every tensor-parallel rank: the ranks draw one mask for the whole x, the unsharded layer's.
         y = self._fused(x, None if base.skip_bias_add else base.bias, lora_A, self.lora_B)
         gather = base.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather and self.tp_size > 1:
