@@ -124,12 +124,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     if mismatched:
         raise ValueError("adapter shapes do not match the model (a different r or base model?): "
                          + "; ".join(mismatched))
-    # A copy into a meta tensor succeeds and stores nothing: the adapter would silently stay unloaded.
-    on_meta = [name for name in incoming if name in expected and expected[name].is_meta]
-    if on_meta:
-        raise ValueError(f"{_listing(on_meta)} {'is' if len(on_meta) == 1 else 'are'} on the meta device (the model "
-                         "was built without memory), so loading would store nothing: materialize the model first, "
-                         "e.g. model.to_empty(device=...), then load the adapter")
+    check_not_on_meta({name: expected[name] for name in incoming if name in expected})
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     for layer in merged:
         layer.unmerge()
@@ -233,6 +228,15 @@ def _read_config_file(path) -> Tuple[LoRAConfig, bytes, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
     return config_from_adapter_dict(data, source=file), content, file
+
+
+def check_not_on_meta(targets: Dict[str, torch.Tensor]) -> None:
+    """A copy into a meta tensor succeeds and stores nothing: refuse to load into one, naming it."""
+    on_meta = [name for name, tensor in targets.items() if tensor.is_meta]
+    if on_meta:
+        raise ValueError(f"{_listing(on_meta)} {'is' if len(on_meta) == 1 else 'are'} on the meta device (the model "
+                         "was built without memory), so loading would store nothing: materialize the model first, "
+                         "e.g. model.to_empty(device=...), then load the adapter")
 
 
 def _read_weights_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], str]:

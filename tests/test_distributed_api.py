@@ -93,3 +93,11 @@ def test_state_dict_round_trip_and_errors_on_an_unsharded_model():
     with pytest.raises(TypeError, match="config must be a LoRAConfig or None"):
         gather_lora_state_dict(source, config={"r": 4})
     assert lora_config().r == 4
+
+
+def test_loading_into_a_meta_model_is_refused():
+    # Copying into a meta tensor stores nothing; the loader must say so instead of returning quietly.
+    state = gather_lora_state_dict(build())
+    meta_model = build().to("meta")
+    with pytest.raises(ValueError, match="on the meta device"):
+        distribute_lora_state_dict(meta_model, state)

@@ -88,6 +88,7 @@ def distribute_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Ten
              for key in shared if incoming[key].shape != targets[key].shape]
     if wrong:
         raise ValueError("adapter shapes do not match the model (another r or base model?): " + "; ".join(wrong))
+    adapter_io.check_not_on_meta({key: targets[key] for key in shared})
     for key in shared:
         target = targets[key]
         full = incoming[key].to(device=target.device, dtype=target.dtype)
