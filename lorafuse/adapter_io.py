@@ -96,13 +96,10 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     keys when `strict`; nothing is copied unless every check passes. Merged layers are unmerged for the copy
     and merged again.
     """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    check_tensor_dict(state_dict)
     expected = _saved_parameters(model, config)
     incoming = {}
     for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
         name = _model_key(key)
         if name in incoming:
             raise ValueError(f"state_dict has two keys for {name!r}: {incoming[name][0]!r} and {key!r}")
@@ -228,6 +225,15 @@ def _read_config_file(path) -> Tuple[LoRAConfig, bytes, str]:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
     return config_from_adapter_dict(data, source=file), content, file
+
+
+def check_tensor_dict(state_dict) -> None:
+    """A state dict to load must be a dict whose every value is a tensor (nothing else is unpickled or guessed)."""
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
 
 
 def check_not_on_meta(targets: Dict[str, torch.Tensor]) -> None:

@@ -70,14 +70,9 @@ def distribute_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Ten
     Returns (missing_keys, unexpected_keys). strict=True raises KeyError for either; a shape mismatch
     always raises ValueError; nothing is copied unless every check passes.
     """
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+    adapter_io.check_tensor_dict(state_dict)
     targets = _targets(model, config)
-    incoming = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
-        incoming[key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key] = value
+    incoming = {key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key: value for key, value in state_dict.items()}
     missing = sorted(targets.keys() - incoming.keys())
     unexpected = sorted(incoming.keys() - targets.keys())
     if strict and (missing or unexpected):
