@@ -6,7 +6,7 @@ Triton. The ops pick their launchers at run time (`select_backend`), so one comp
 Triton kernels on CUDA, the interpreted kernels on CPU and the PyTorch path alike.
 
 Autograd for `lora_forward` is registered here too (`register_autograd`): this is the fused layer's
-autograd Function, with the chain rule written out in `backward_grads`.
+autograd Function, with the chain rule written out in `_backward`.
 """
 
 from typing import Optional
@@ -56,15 +56,19 @@ def _lora_backward_fake(dy, x, weight, lora_A, lora_B, xa, seed, *, scaling, dro
     return dx, dA, dB
 
 
-def save_for_backward(ctx, x, weight, lora_A, lora_B, xa, seed, *, scaling, dropout_p) -> None:
-    """What the backward needs: x, xa and the seed (the mask is rebuilt from it), plus the parameters."""
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    """Save what the backward needs: x, xa and the seed (the mask is rebuilt from it), plus the parameters."""
+    x, weight, _bias, lora_A, lora_B, seed = inputs
+    _y, xa = output
+    # xa is an internal tensor handed back only to be saved: it has no gradient of its own.
+    ctx.mark_non_differentiable(xa)
     ctx.save_for_backward(x, weight, lora_A, lora_B, xa, seed)
-    ctx.scaling = scaling
-    ctx.dropout_p = dropout_p
+    ctx.scaling = keyword_only_inputs["scaling"]
+    ctx.dropout_p = keyword_only_inputs["dropout_p"]
 
 
-def backward_grads(ctx, dy):
-    """(dx, dW, db, dA, dB) for inputs (x, weight, bias, lora_A, lora_B), None where not needed.
+def _backward(ctx, dy, _dxa):
+    """Gradients for (x, weight, bias, lora_A, lora_B, seed), None where not needed.
 
     Chain rule (m the keep-mask, q = 1 / (1 - p), xa = (x * m * q) @ A^T saved from the forward):
         dxa = s * dy @ B;  dB = s * dy^T @ xa;  dA = q * dxa^T @ (x * m);  dx = dy @ W + q * m * (dxa @ A)
@@ -81,19 +85,7 @@ def backward_grads(ctx, dy):
         dx, dA, dB = (grad if needed else None for grad, needed in ((dx, needs_dx), (dA, needs_dA), (dB, needs_dB)))
     dW = dy.t() @ x if needs_dW else None
     db = dy.sum(0) if needs_db else None
-    return dx, dW, db, dA, dB
-
-
-def _setup_context(ctx, inputs, keyword_only_inputs, output):
-    x, weight, _bias, lora_A, lora_B, seed = inputs
-    _y, xa = output
-    # xa is an internal tensor handed back only to be saved: it has no gradient of its own.
-    ctx.mark_non_differentiable(xa)
-    save_for_backward(ctx, x, weight, lora_A, lora_B, xa, seed, **keyword_only_inputs)
-
-
-def _backward(ctx, dy, _dxa):
-    return (*backward_grads(ctx, dy), None)
+    return dx, dW, db, dA, dB, None
 
 
 lora_forward.register_autograd(_backward, setup_context=_setup_context)
