@@ -1,4 +1,4 @@
-"""Fused LoRA backward: dx, dA and dB in two launches, the dropout mask rebuilt from the seed.
+"""Fused LoRA backward: dx, dA and dB in two launches, the dropout mask rebuilt once per element.
 
 Given dy (M, N), with m the keep-mask, q = 1 / (1 - p) and s the scaling, the chain rule of
 y = x @ W^T + b + s * ((x * m * q) @ A^T) @ B^T gives
@@ -8,21 +8,25 @@ y = x @ W^T + b + s * ((x * m * q) @ A^T) @ B^T gives
     dA  = q * dxa^T @ (x * m)                 (r, K)
     dx  = dy @ W + q * m * (dxa @ A)          (M, K)
 
-Launch 1 reads each dy tile once for both dxa and the dB partial sums. Launch 2 is the dx GEMM with
-the LoRA term in its epilogue; its x tiles give the dA partial sums. dA and dB are accumulated in
-fp32 with atomics (M / BLOCK_M adds per element), so their last bits can vary from run to run.
+Launch 1 reads each dy tile once for both dxa and the dB partial sums. Launch 2 is the dx GEMM, whose main
+loop is a plain GEMM's; its epilogue draws the mask for its `[BLOCK_M, BLOCK_K]` tile (each element once,
+16 per philox call), adds the LoRA term and, from the x tile it then loads, the dA partial sums. dA and dB
+are accumulated in fp32 with atomics (M / BLOCK_M adds per element), so their last bits can vary from run
+to run.
 """
-
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from lorafuse.checks import check_lora_inputs, seed_tensor
+from lorafuse.dropout_rng import drop_threshold
 
-from .common import _grouped_tile, _mma, device_guard, dot_options, is_interpreted, rank_block, small_block
-from .dropout import _keep_mask
+from . import tuning
+from .common import _grouped_tile, _mma, dot_options, is_interpreted, rank_block, small_block
+from .dropout import _dropout_bytes
+from .forward import _GEMM_CONFIGS
+from .launches import Launch, run
 
 
 @triton.jit
@@ -47,7 +51,7 @@ def _lora_backward_dy_kernel(
                      mask=in_m[:, None] & in_r[None, :], other=0.0)
     dxa = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC_DTYPE)
     for n0 in range(0, N, BLOCK_N):
-        offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
         in_n = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=in_m[:, None] & in_n[None, :], other=0.0)
@@ -75,79 +79,150 @@ def _lora_backward_dx_kernel(
     M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dxam, stride_dxar, stride_dxm, stride_dxk,
-    dropout_p,
+    threshold,  # uint8 dropout threshold of the forward
+    keep_scale,  # 1 / (1 - p), the float the forward scaled by
     COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     pid_m, pid_k = _grouped_tile(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
-
+    k_start = pid_k * BLOCK_K
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
+    offs_k = k_start + tl.arange(0, BLOCK_K).to(tl.int64)
     in_m = offs_m < M
     in_k = offs_k < K
-    in_r = offs_r < R
-    if HAS_DROPOUT:
-        keep = _keep_mask(tl.load(seed_ptr), offs_m, offs_k, K, dropout_p)
-    dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
-                  mask=in_m[:, None] & in_r[None, :], other=0.0)
 
     if COMPUTE_DX:
+        # The main loop: exactly a plain GEMM's (dy @ W); nothing of LoRA is live across it.
         acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
         for n0 in range(0, N, BLOCK_N):
-            offs_n = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
             in_n = offs_n < N
             dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                          mask=in_m[:, None] & in_n[None, :], other=0.0)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                         mask=in_n[:, None] & in_k[None, :], other=0.0)
             acc = _mma(dy, w, acc, UPCAST, PRECISION)
+
+    # Epilogue: the mask of this tile (drawn once), the LoRA term of dx and the dA partial sums.
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < R
+    dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+                  mask=in_m[:, None] & in_r[None, :], other=0.0)
+    if HAS_DROPOUT:
+        random_bytes = _dropout_bytes(tl.load(seed_ptr), offs_m, k_start, K, BLOCK_M, BLOCK_K)
+    if COMPUTE_DX:
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=in_r[:, None] & in_k[None, :], other=0.0)
         lora = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, PRECISION)
         if HAS_DROPOUT:
-            lora = tl.where(keep, lora / (1.0 - dropout_p), 0.0)
+            lora = tl.where(random_bytes >= threshold, lora * keep_scale, 0.0)
         acc += lora
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
-
     if COMPUTE_DA:
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(keep, x, 0.0).to(x.dtype)
+            x = tl.where(random_bytes >= threshold, x, 0.0).to(x.dtype)
         da = _mma(tl.trans(dxa), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE), UPCAST, PRECISION)
         if HAS_DROPOUT:
-            da = da / (1.0 - dropout_p)
+            da = da * keep_scale
         tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
                       mask=in_r[:, None] & in_k[None, :])
 
 
+# ---- autotune spaces ---------------------------------------------------------------------------------------
+
 def _dy_configs():
-    shapes = [(64, 128, 4, 4), (128, 128, 3, 8), (64, 64, 4, 4), (128, 64, 4, 4), (32, 128, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_stages=stages, num_warps=warps)
-            for bm, bn, stages, warps in shapes]
+    shapes = [(64, 128, 4, 4), (128, 128, 3, 8), (64, 64, 4, 4), (128, 64, 4, 4), (32, 128, 4, 4),
+              (32, 64, 3, 4), (16, 32, 2, 4)]
+    return tuple(tuning.config(stages, warps, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, stages, warps in shapes)
 
 
 def _dx_configs():
-    shapes = [(128, 128, 64, 4, 8), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 256, 64, 3, 8),
-              (64, 64, 64, 4, 4), (128, 128, 32, 4, 4)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk, "BLOCK_N": bn, "GROUP_M": 8}, num_stages=stages,
-                          num_warps=warps) for bm, bk, bn, stages, warps in shapes]
+    """The forward GEMM's tiles, with K in the role of N: dx is an (M, K) GEMM over N."""
+    return tuple(tuning.config(c.num_stages, c.num_warps, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"],
+                               BLOCK_N=c.kwargs["BLOCK_K"], GROUP_M=c.kwargs["GROUP_M"]) for c in _GEMM_CONFIGS)
 
 
-@functools.cache
-def _tuned_dy_kernel():
-    return triton.autotune(configs=_dy_configs(), key=["M", "N", "BLOCK_R"], reset_to_zero=["db_ptr"])(
-        _lora_backward_dy_kernel)
+_DY_CONFIGS = _dy_configs()
+_DX_CONFIGS = _dx_configs()
 
 
-@functools.cache
-def _tuned_dx_kernel():
-    return triton.autotune(configs=_dx_configs(), key=["M", "N", "K", "BLOCK_R"], reset_to_zero=["da_ptr"])(
-        _lora_backward_dx_kernel)
+def _prune_dy(configs, named_args, **meta):
+    size = tuning.element_size(named_args["dy_ptr"].dtype)
+    block_r = meta["BLOCK_R"]
+
+    def shared_bytes(cfg):
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        # dy is an operand twice (dy @ B and dy^T @ xa), so count a transposed copy of its tile.
+        return max(cfg.num_stages, 2) * (bm * bn + bn * block_r) * size + (bm * bn + bm * block_r) * size
+
+    def accumulators(cfg):
+        return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r
+
+    return tuning.prune(configs, dtype=named_args["dy_ptr"].dtype, precision=meta["PRECISION"],
+                        shared_bytes=shared_bytes, accumulators=accumulators)
+
+
+def _prune_dx(configs, named_args, **meta):
+    size = tuning.element_size(named_args["dy_ptr"].dtype)
+    block_r = meta["BLOCK_R"]
+
+    def shared_bytes(cfg):
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        main_loop = max(cfg.num_stages, 2) * (bm + bk) * bn * size
+        epilogue = (bm * block_r + block_r * bk + bm * bk) * size + bm * bk
+        return max(main_loop, epilogue)
+
+    def accumulators(cfg):
+        return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"]
+
+    return tuning.prune(configs, dtype=named_args["dy_ptr"].dtype, precision=meta["PRECISION"],
+                        shared_bytes=shared_bytes, accumulators=accumulators)
+
+
+# ---- launcher ----------------------------------------------------------------------------------------------
+
+def backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused, seed, *, scaling, dropout_p,
+                      interpreted):
+    """The launches of the backward for these tensors (see `Launch`); nothing is run.
+
+    dxa: (M, r) scratch; dx, da, db: the outputs, or None where not wanted (then `unused`, a one-element
+    accumulator-dtype tensor that aliases nothing, stands in: autotuning zeroes reset_to_zero arguments).
+    """
+    M, K = x.shape
+    N, R = lora_B.shape
+    dots = dot_options(x.dtype, interpreted)
+    block_r = rank_block(R)
+    threshold = drop_threshold(dropout_p)
+    launches = [Launch(
+        name="backward_dy", kernel=_lora_backward_dy_kernel,
+        args=(dy, lora_B, xa, dxa, db if db is not None else unused, M, N, R,
+              dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+              xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), float(scaling)),
+        meta=dict(COMPUTE_DB=db is not None, BLOCK_R=block_r, **dots),
+        grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
+        configs=_DY_CONFIGS, prune=_prune_dy, key=("M", "N", "BLOCK_R"), reset_to_zero=("db_ptr",),
+        interpreter_config=dict(BLOCK_M=small_block(M), BLOCK_N=small_block(N)))]
+    if dx is not None or da is not None:
+        launches.append(Launch(
+            name="backward_dx", kernel=_lora_backward_dx_kernel,
+            args=(dy, weight, lora_A, x, dxa, dx if dx is not None else unused, da if da is not None else unused,
+                  seed, M, N, K, R,
+                  dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
+                  lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), dxa.stride(0), dxa.stride(1),
+                  dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
+                  threshold, 1.0 / (1.0 - dropout_p)),
+            meta=dict(COMPUTE_DX=dx is not None, COMPUTE_DA=da is not None, HAS_DROPOUT=threshold > 0,
+                      BLOCK_R=block_r, **dots),
+            grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),),
+            configs=_DX_CONFIGS, prune=_prune_dx, key=("M", "N", "K", "BLOCK_R"), reset_to_zero=("da_ptr",),
+            interpreter_config=dict(BLOCK_M=small_block(M), BLOCK_K=small_block(K), BLOCK_N=small_block(N),
+                                    GROUP_M=8)))
+    return launches
 
 
 def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed,
@@ -176,45 +251,13 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
             dx.zero_()
         return dx, _cast(da, lora_A.dtype), _cast(db, lora_B.dtype)
 
-    interpreted = is_interpreted(_lora_backward_dy_kernel)
-    dots = dot_options(x.dtype, interpreted)
-    block_r = rank_block(R)
-    # dxa is needed by dx and dA; launch 1 also gives dB.
     dxa = torch.empty((M, R), dtype=x.dtype, device=device)
-    # Stands in for dA/dB when they are not wanted. It must not alias a live tensor: autotuning zeroes
-    # the reset_to_zero arguments before every trial run.
     unused = torch.zeros(1, dtype=acc_dtype, device=device)
-    dy_args = (dy, lora_B, xa, dxa, db if db is not None else unused, M, N, R,
-               dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-               xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), float(scaling))
-    dy_meta = dict(COMPUTE_DB=needs_dB, BLOCK_R=block_r, **dots)
-    if interpreted:
-        block_m = small_block(M)
-        _lora_backward_dy_kernel[(triton.cdiv(M, block_m),)](*dy_args, **dy_meta, BLOCK_M=block_m,
-                                                             BLOCK_N=small_block(N))
-    else:
-        with device_guard(x):
-            _tuned_dy_kernel()[lambda c: (triton.cdiv(M, c["BLOCK_M"]),)](*dy_args, **dy_meta)
-
-    if needs_dx or needs_dA:
-        dx_args = (dy, weight, lora_A, x, dxa, dx if dx is not None else unused, da if da is not None else unused,
-                   seed_tensor(seed, device), M, N, K, R,
-                   dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-                   lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), dxa.stride(0), dxa.stride(1),
-                   dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
-                   float(dropout_p))
-        dx_meta = dict(COMPUTE_DX=needs_dx, COMPUTE_DA=needs_dA, HAS_DROPOUT=dropout_p > 0.0, BLOCK_R=block_r,
-                       **dots)
-        if interpreted:
-            block_m, block_k = small_block(M), small_block(K)
-            grid = (triton.cdiv(M, block_m) * triton.cdiv(K, block_k),)
-            _lora_backward_dx_kernel[grid](*dx_args, **dx_meta, BLOCK_M=block_m, BLOCK_K=block_k,
-                                           BLOCK_N=small_block(N), GROUP_M=8)
-        else:
-            def grid(config):
-                return (triton.cdiv(M, config["BLOCK_M"]) * triton.cdiv(K, config["BLOCK_K"]),)
-            with device_guard(x):
-                _tuned_dx_kernel()[grid](*dx_args, **dx_meta)
+    launches = backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused,
+                                 seed_tensor(seed, device), scaling=scaling, dropout_p=dropout_p,
+                                 interpreted=is_interpreted(_lora_backward_dy_kernel))
+    for launch in launches:
+        run(launch, x)
     return dx, _cast(da, lora_A.dtype), _cast(db, lora_B.dtype)
 
 

@@ -1,20 +1,27 @@
 """The PyTorch path: the launchers' semantics in plain torch, for devices the kernels do not serve.
 
 Used on CPU without TRITON_INTERPRET=1, where Triton is absent (macOS, Windows), and for devices
-other than CUDA. Like the kernels it saves no mask: the mask is drawn again from the seed.
+other than CUDA. Like the kernels it saves no mask: the mask is drawn again from the seed, and it is the
+kernels' mask to the bit (`dropout_rng`), so a seed drops the same elements on every path.
 """
 
 import torch
 
 from .checks import check_dropout, check_lora_inputs, seed_tensor
+from .dropout_rng import keep_mask
 
 
 def dropout_mask(seed, shape, p, device) -> torch.Tensor:
-    """Bool keep-mask of `shape` drawn from a torch generator seeded with `seed`."""
+    """Bool keep-mask of `shape` (leading dims flattened as the kernels do): the kernels' mask for `seed`."""
     check_dropout(p, name="p")
+    shape = tuple(shape)
+    if len(shape) == 0:
+        raise ValueError("shape must have at least one dimension, got ()")
     seed_value = int(seed_tensor(seed, "cpu").item())
-    generator = torch.Generator(device=device).manual_seed(seed_value)
-    return torch.rand(shape, generator=generator, device=device) >= p
+    rows = 1
+    for size in shape[:-1]:
+        rows *= size
+    return keep_mask(seed_value, rows, shape[-1], p, device).reshape(shape)
 
 
 def _dropped(x, dropout_p, seed):

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from lorafuse import FusedLoRALinear, dropout_mask, reference
+from lorafuse import FusedLoRALinear, dropout_mask, reference, torch_backend
+from lorafuse.dropout_rng import drop_threshold
 
 
 def test_same_seed_same_mask_different_seed_different_mask(device):
@@ -28,13 +29,39 @@ def test_seed_may_be_a_tensor(device):
 def test_kept_fraction_is_one_minus_p(device, p):
     mask = dropout_mask(1234, (128, 400), p, device)
     n = mask.numel()
-    sigma = math.sqrt(p * (1 - p) / n)
-    assert abs(mask.float().mean().item() - (1 - p)) < 5 * sigma
+    # p is quantised to threshold / 256 (kernels/dropout.py): the kept fraction's expectation is exact.
+    quantised = drop_threshold(p) / 256
+    assert abs(quantised - p) <= 1 / 512
+    sigma = math.sqrt(quantised * (1 - quantised) / n)
+    assert abs(mask.float().mean().item() - (1 - quantised)) < 5 * sigma
     # No structure by position: every row block and column block keeps about 1-p too.
     rows = mask[:64].float().mean().item(), mask[64:].float().mean().item()
     cols = mask[:, :200].float().mean().item(), mask[:, 200:].float().mean().item()
     for fraction in rows + cols:
-        assert abs(fraction - (1 - p)) < 5 * sigma * math.sqrt(2)
+        assert abs(fraction - (1 - quantised)) < 5 * sigma * math.sqrt(2)
+
+
+def test_p_is_quantised_to_256ths():
+    assert drop_threshold(0.0) == 0
+    assert drop_threshold(0.1) == 26 and drop_threshold(0.05) == 13
+    assert drop_threshold(1e-6) == 1, "any p > 0 must drop something"
+    assert drop_threshold(0.9999) == 255, "p < 1 must keep something"
+
+
+@pytest.mark.parametrize(("seed", "shape", "p"), [(5, (33, 70), 0.3), (2**40 + 3, (3, 5, 17), 0.1),
+                                                   (-7, (9, 200), 0.5), (2**63 - 1, (1, 16), 0.05)])
+def test_torch_path_draws_the_kernels_mask(device, seed, shape, p):
+    # The PyTorch path (no Triton) computes philox in torch: a seed drops the same elements on every path.
+    from lorafuse import kernels
+
+    assert torch.equal(torch_backend.dropout_mask(seed, shape, p, device), kernels.dropout_mask(seed, shape, p, device))
+
+
+def test_mask_bytes_are_uniform(device):
+    # All 16 bytes of every philox call are used: each byte position must be uniform on its own.
+    mask = dropout_mask(77, (512, 16 * 8), 0.5, device).reshape(512 * 8, 16).float()
+    sigma = math.sqrt(0.25 / mask.shape[0])
+    assert (mask.mean(0) - 0.5).abs().max().item() < 5 * sigma
 
 
 def test_p_zero_keeps_everything(device):

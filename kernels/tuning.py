@@ -1,0 +1,71 @@
+"""Autotune spaces and the pruning that keeps them inside what the target GPU can hold.
+
+Every kernel's config list is pruned before anything is compiled (`early_config_prune`): a config stays
+when its estimated shared memory fits the target (163 KiB on sm_80, 227 KiB on sm_90/sm_100, 99 KiB on
+consumer parts, 64 KiB of LDS on AMD CDNA) and its fp32 accumulators fit the register budget of its warps.
+The estimates are checked against the compiler's own numbers by tests/test_gpu_compile.py (every config
+that survives pruning must compile within the limit, spill-free for fp16/bf16).
+"""
+
+import torch
+import triton
+
+#: Shared memory (bytes) a block may use, by CUDA compute capability; AMD gfx9 CDNA parts have 64 KiB LDS.
+_CUDA_SHARED = {80: 163 * 1024, 86: 99 * 1024, 87: 163 * 1024, 89: 99 * 1024, 90: 227 * 1024, 100: 227 * 1024,
+                103: 227 * 1024, 120: 99 * 1024}
+_HIP_SHARED = 64 * 1024
+
+#: fp32 accumulator registers a thread may hold across a main loop. Tensor-core tiles: 128 of the 255
+#: (the rest hold addresses, operands in flight and the epilogue). FMA tiles (fp32 without TF32, fp64) also
+#: keep operand fragments in registers, so their accumulators get far less.
+_TENSOR_CORE_ACC_REGS = 128
+_FMA_ACC_REGS = 32
+
+
+def active_target():
+    """The `GPUTarget` Triton compiles for now (a real GPU, or the stand-in driver of lorafuse.inspect)."""
+    return triton.runtime.driver.active.get_current_target()
+
+
+def shared_memory_limit(target) -> int:
+    """Bytes of shared memory (LDS on AMD) one program may use on `target`."""
+    if target.backend == "hip":
+        return _HIP_SHARED
+    return _CUDA_SHARED.get(target.arch, 99 * 1024)
+
+
+def warp_size(target) -> int:
+    return target.warp_size
+
+
+def uses_tensor_cores(dtype: torch.dtype, precision: str) -> bool:
+    """fp16/bf16 tiles, and fp32 tiles with TF32 allowed, run on matrix cores; fp32 "ieee" and fp64 on FMA."""
+    return dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and precision == "tf32")
+
+
+def config(num_stages, num_warps, **tiles):
+    return triton.Config(tiles, num_stages=num_stages, num_warps=num_warps)
+
+
+def prune(configs, *, dtype, precision, shared_bytes, accumulators):
+    """The configs of `configs` that fit the active target.
+
+    shared_bytes(config) -> estimated shared memory; accumulators(config) -> fp32 accumulator elements the
+    program holds at once. When none fits, the one with the least shared memory is kept, so that a launch
+    still has a config and the compiler, not the pruning, says what is wrong.
+    """
+    target = active_target()
+    limit = shared_memory_limit(target)
+    budget = _TENSOR_CORE_ACC_REGS if uses_tensor_cores(dtype, precision) else _FMA_ACC_REGS
+    element_scale = 2 if dtype == torch.float64 else 1  # an fp64 accumulator takes two registers
+
+    def fits(cfg):
+        threads = cfg.num_warps * warp_size(target)
+        return shared_bytes(cfg) <= limit and accumulators(cfg) * element_scale <= budget * threads
+
+    kept = [cfg for cfg in configs if fits(cfg)]
+    return kept or [min(configs, key=shared_bytes)]
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty(0, dtype=dtype).element_size()
