@@ -9,8 +9,9 @@ y = x @ W^T + b + s * ((x * m * q) @ A^T) @ B^T gives
     dx  = dy @ W + q * m * (dxa @ A)          (M, K)
 
 Launch 1 reads each dy tile once for both dxa and the dB partial sums. Launch 2 is the dx GEMM, whose main
-loop is a plain GEMM's; its epilogue draws the mask for its `[BLOCK_M, BLOCK_K]` tile (each element once,
-16 per philox call), adds the LoRA term and, from the x tile it then loads, the dA partial sums. dA and dB
+loop is a plain GEMM's; before it, each program draws the mask of its `[BLOCK_M, BLOCK_K]` tile (each
+element once, 16 per philox call), adds the dA partial sums from its x tile and starts the accumulator at
+the masked LoRA term. dA and dB
 are accumulated in fp32 with atomics (M / BLOCK_M adds per element), so their last bits can vary from run
 to run.
 """
@@ -93,34 +94,15 @@ def _lora_backward_dx_kernel(
     in_m = offs_m < M
     in_k = offs_k < K
 
-    if COMPUTE_DX:
-        # The main loop: exactly a plain GEMM's (dy @ W); nothing of LoRA is live across it.
-        acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
-        for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            in_n = offs_n < N
-            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                         mask=in_m[:, None] & in_n[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=in_n[:, None] & in_k[None, :], other=0.0)
-            acc = _mma(dy, w, acc, UPCAST, PRECISION)
-
-    # Epilogue: the mask of this tile (drawn once), the LoRA term of dx and the dA partial sums.
+    # The LoRA work first: this tile's mask (drawn once), the dA partial sums and the LoRA term of dx as the
+    # accumulator's starting value. All of it is dead before the main loop, which so holds no more registers
+    # than a plain GEMM's (done after the loop, the mask, x and a second fp32 tile spilled on sm_90).
     offs_r = tl.arange(0, BLOCK_R)
     in_r = offs_r < R
     dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
                   mask=in_m[:, None] & in_r[None, :], other=0.0)
     if HAS_DROPOUT:
         random_bytes = _dropout_bytes(tl.load(seed_ptr), offs_m, k_start, K, BLOCK_M, BLOCK_K)
-    if COMPUTE_DX:
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=in_r[:, None] & in_k[None, :], other=0.0)
-        lora = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, PRECISION)
-        if HAS_DROPOUT:
-            lora = tl.where(random_bytes >= threshold, lora * keep_scale, 0.0)
-        acc += lora
-        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
-                 acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
     if COMPUTE_DA:
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
@@ -131,6 +113,24 @@ def _lora_backward_dx_kernel(
             da = da * keep_scale
         tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
                       mask=in_r[:, None] & in_k[None, :])
+
+    if COMPUTE_DX:
+        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=in_r[:, None] & in_k[None, :], other=0.0)
+        acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, PRECISION)
+        if HAS_DROPOUT:
+            acc = tl.where(random_bytes >= threshold, acc * keep_scale, 0.0)
+        # The main loop: exactly a plain GEMM's (dy @ W).
+        for n0 in range(0, N, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            in_n = offs_n < N
+            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
+                         mask=in_m[:, None] & in_n[None, :], other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=in_n[:, None] & in_k[None, :], other=0.0)
+            acc = _mma(dy, w, acc, UPCAST, PRECISION)
+        tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
+                 acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
 
 
 # ---- autotune spaces ---------------------------------------------------------------------------------------
@@ -178,7 +178,9 @@ def _prune_dx(configs, named_args, **meta):
         return max(main_loop, epilogue)
 
     def accumulators(cfg):
-        return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"]
+        # The LoRA prologue holds the fp32 tile with the x tile and the mask bytes (half as much again):
+        # counted as 1.5 tiles, 128x128 tiles on 4 warps and 128x256 on 8 went over (255 registers + spills).
+        return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * 3 // 2
 
     return tuning.prune(configs, dtype=named_args["dy_ptr"].dtype, precision=meta["PRECISION"],
                         shared_bytes=shared_bytes, accumulators=accumulators)

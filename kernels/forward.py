@@ -3,14 +3,15 @@
 Two launches:
 1. `_lora_xa_kernel` (the prologue): xa = dropout(x) @ A^T / (1 - p), `[M, r]`, one pass over x. Each
    element's dropout byte is drawn here exactly once (16 per philox call).
-2. `_lora_forward_kernel`: the base GEMM x @ W^T with a main loop as lean as a plain Triton GEMM; its
-   epilogue adds s * xa @ B^T (one `[BLOCK_M, r] x [r, BLOCK_N]` product per tile) and the bias.
+2. `_lora_forward_kernel`: the base GEMM x @ W^T with a main loop as lean as a plain Triton GEMM; the
+   accumulator starts at s * xa @ B^T (one `[BLOCK_M, r] x [r, BLOCK_N]` product per tile) and the
+   epilogue adds the bias.
 
 Why two launches: folding xa into the GEMM's K loop (the first design) made every one of the N / BLOCK_N
 column tiles recompute its row block's xa (r / BLOCK_N extra MMA: 12.5% at r=16, BLOCK_N=128; 50% at
 r=64) and redraw its dropout mask (32 draws per element of x at N=4096, which multiplied the K loop's
 instructions by 16). The prologue costs one read of x (M*K*2 bytes: ~20 us at 8192x4096 bf16 on an
-H100, ~7% of the 0.28 ms base GEMM) and the epilogue r / K more MMA work (0.4% at r=16, K=4096).
+H100, ~7% of the 0.28 ms base GEMM) and the LoRA product r / K more MMA work (0.4% at r=16, K=4096).
 
 Row, column and K offsets are int64: a transposed weight view has stride N along K, so offset * stride
 passes 2^31 once N * K does, whatever M is.
@@ -93,8 +94,18 @@ def _lora_forward_kernel(
     in_m = offs_m < M
     in_n = offs_n < N
 
+    # The LoRA term first, s * xa @ B^T (one `[BLOCK_M, r] x [r, BLOCK_N]` product), as the accumulator's
+    # starting value: its tiles are dead before the main loop, so the loop holds no more registers than a
+    # plain GEMM's (added after the loop instead, a second fp32 tile made 128x128 tiles spill on sm_90).
+    offs_r = tl.arange(0, BLOCK_R)
+    in_r = offs_r < R
+    xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
+                 mask=in_m[:, None] & in_r[None, :], other=0.0)
+    b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                  mask=in_r[:, None] & in_n[None, :], other=0.0)
+    acc = _mma(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, PRECISION) * scaling
+
     # The main loop: exactly a plain GEMM's.
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         in_k = offs_k < K
@@ -104,15 +115,6 @@ def _lora_forward_kernel(
                       mask=in_k[:, None] & in_n[None, :], other=0.0)
         acc = _mma(x, w_t, acc, UPCAST, PRECISION)
 
-    # Epilogue: + s * xa @ B^T + b, one small product per tile.
-    offs_r = tl.arange(0, BLOCK_R)
-    in_r = offs_r < R
-    xa = tl.load(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
-                 mask=in_m[:, None] & in_r[None, :], other=0.0)
-    b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                  mask=in_r[:, None] & in_n[None, :], other=0.0)
-    lora = _mma(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, PRECISION)
-    acc += scaling * lora
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,

@@ -1,0 +1,206 @@
+"""Compile the launches of one LoRA problem for one GPU target, and read what the compiler made.
+
+`problem_launches` builds, from CPU tensors of the real shapes, the very `Launch` list the launchers would
+run (lorafuse.kernels.forward_launches / backward_launches). `inspect_problem` compiles every config the
+autotuner would try on the target (after the kernels' own pruning) and returns a `KernelReport` for each:
+compiled or the compiler's error, registers, spills, shared memory against the target's limit, the
+matrix-core instructions, how global memory is read, and the instruction counts of the machine code.
+
+Needs a Python process where TRITON_INTERPRET is unset when lorafuse.kernels is first imported: the
+interpreter's kernels cannot be compiled.
+"""
+
+import collections
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch
+
+from .targets import ARCHS, compiling_for
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+@dataclasses.dataclass
+class KernelReport:
+    """What the compiler made of one kernel in one config for one target."""
+
+    arch: str
+    kernel: str  # the launch's name: forward_xa, forward, backward_dy, backward_dx
+    config: dict  # tile sizes, num_warps, num_stages
+    compiled: bool
+    error: Optional[str] = None  # the compiler's first error line when not compiled
+    registers: Optional[int] = None  # per thread (VGPRs on AMD)
+    spill_bytes: Optional[int] = None  # CUDA: local-memory stack per thread; AMD: 4 * (VGPR + SGPR spills)
+    shared_bytes: Optional[int] = None
+    shared_limit: Optional[int] = None
+    matrix_instructions: dict = dataclasses.field(default_factory=dict)  # HMMA / HGMMA / UTC*MMA / v_mfma -> n
+    global_reads: dict = dataclasses.field(default_factory=dict)  # LDG.E.128 / LDGSTS / UTMALDG / ... -> n
+    instruction_counts: dict = dataclasses.field(default_factory=dict)  # opcode -> n, over the whole kernel
+    machine_code: Optional[str] = dataclasses.field(default=None, repr=False)  # SASS or amdgcn text
+
+    @property
+    def fits(self) -> bool:
+        """Compiled, within the shared-memory limit, and spill-free."""
+        return self.compiled and self.shared_bytes <= self.shared_limit and self.spill_bytes == 0
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("machine_code")
+        data["fits"] = self.fits
+        return data
+
+
+# ---- the problem's launches --------------------------------------------------------------------------------
+
+def problem_launches(*, dtype, rank, dropout, bias, M, K, N, needs_dx=True, needs_dA=True, needs_dB=True,
+                     scaling=2.0):
+    """The forward and backward launches of a FusedLoRALinear training step, built from CPU tensors of the
+    real shapes (storage is never touched). The active target decides the configs (`Launch.candidate_configs`)."""
+    from lorafuse.checks import seed_tensor
+    from lorafuse.kernels import backward_launches, forward_launches
+
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    for name, value in (("rank", rank), ("M", M), ("K", K), ("N", N)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+    def empty(*shape, of=dtype):
+        return torch.empty(shape, dtype=of)
+
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    x, weight, lora_A, lora_B = empty(M, K), empty(N, K), empty(rank, K), empty(N, rank)
+    seed = seed_tensor(0, "cpu")
+    launches = forward_launches(x, weight, empty(N) if bias else None, lora_A, lora_B, empty(M, N), empty(M, rank),
+                                seed, scaling=scaling, dropout_p=dropout, interpreted=False)
+    launches += backward_launches(empty(M, N), x, weight, lora_A, lora_B, empty(M, rank), empty(M, rank),
+                                  empty(M, K) if needs_dx else None, empty(rank, K, of=acc) if needs_dA else None,
+                                  empty(N, rank, of=acc) if needs_dB else None, empty(1, of=acc), seed,
+                                  scaling=scaling, dropout_p=dropout, interpreted=False)
+    return launches
+
+
+# ---- compiling and reading the result ----------------------------------------------------------------------
+
+def _config_dict(config) -> dict:
+    return {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
+
+
+def compile_config(launch, config):
+    """Compile `launch` with `config` for the active target through Triton's JIT (nothing is launched)."""
+    return launch.kernel.warmup(*launch.args, grid=launch.grid(config.kwargs), **launch.meta, **config.kwargs,
+                                num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+def _first_error_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "error" in line.lower():
+            return f"{type(error).__name__}: {line}"[:400]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:400]
+
+
+def _nvidia_tool(name: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{name} not found: looked for {path} (it ships with the triton wheel on Linux)")
+    return path
+
+
+def _read_cuda(compiled, report: KernelReport) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", cubin], capture_output=True,
+                               text=True, check=True).stdout
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                              check=True).stdout
+    registers = re.search(r"REG:(\d+)", usage)
+    stack = re.search(r"STACK:(\d+)", usage)
+    local = re.search(r"LOCAL:(\d+)", usage)
+    report.registers = int(registers.group(1)) if registers else None
+    report.spill_bytes = (int(stack.group(1)) if stack else 0) + (int(local.group(1)) if local else 0)
+    report.machine_code = sass
+    counts = collections.Counter(sass_opcodes(sass))
+    report.instruction_counts = dict(counts.most_common())
+    report.matrix_instructions = {op: n for op, n in counts.items()
+                                  if re.match(r"^(HMMA|HGMMA|UTC\w*MMA|IMMA|DMMA|QGMMA|WARPGROUP)", op)}
+    report.global_reads = {op: n for op, n in counts.items() if re.match(r"^(LDG|LDGSTS|UTMALDG|UBLKCP|LDGDEPBAR)", op)}
+
+
+def sass_opcodes(sass: str) -> list:
+    """The opcode (with its modifiers, e.g. `LDG.E.128`) of every instruction in nvdisasm text."""
+    opcodes = []
+    for match in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass):
+        opcodes.append(match.group(1))
+    return opcodes
+
+
+def _read_amd(compiled, report: KernelReport) -> None:
+    text = compiled.asm["amdgcn"]
+
+    def field(name):
+        match = re.search(rf"\.{name}:\s+(\d+)", text)
+        return int(match.group(1)) if match else 0
+
+    report.registers = field("vgpr_count")
+    report.spill_bytes = 4 * (field("vgpr_spill_count") + field("sgpr_spill_count"))
+    report.machine_code = text
+    counts = collections.Counter(re.findall(r"^\s+([sv]_[a-z0-9_]+|global_[a-z0-9_]+|buffer_[a-z0-9_]+|ds_[a-z0-9_]+)",
+                                            text, flags=re.MULTILINE))
+    report.instruction_counts = dict(counts.most_common())
+    report.matrix_instructions = {op: n for op, n in counts.items() if op.startswith("v_mfma")}
+    report.global_reads = {op: n for op, n in counts.items() if op.startswith(("global_load", "buffer_load"))}
+
+
+def inspect_config(arch: str, launch, config, target) -> KernelReport:
+    """Compile one config of one launch for the active target and read the result."""
+    from lorafuse.kernels.tuning import shared_memory_limit
+
+    report = KernelReport(arch=arch, kernel=launch.name, config=_config_dict(config), compiled=False,
+                          shared_limit=shared_memory_limit(target))
+    try:
+        compiled = compile_config(launch, config)
+    except Exception as error:  # the compiler's refusal is the finding, not a crash of the inspection
+        report.error = _first_error_line(error)
+        return report
+    report.compiled = True
+    report.shared_bytes = compiled.metadata.shared
+    if target.backend == "cuda":
+        _read_cuda(compiled, report)
+    else:
+        _read_amd(compiled, report)
+    return report
+
+
+def inspect_problem(arch: str, *, dtype="bf16", rank=16, dropout=0.1, bias=True, M=8192, K=4096, N=4096,
+                    tf32=False, needs_dx=True, needs_dA=True, needs_dB=True, kernels=None) -> list:
+    """KernelReports for every kernel and every autotune candidate of a training step on `arch`.
+
+    dtype: "fp16", "bf16", "fp32" or "fp64"; tf32 lets fp32 tiles use TF32 matrix cores (torch's
+    `allow_tf32`). kernels: launch names to keep (None: all).
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    previous_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    try:
+        with compiling_for(arch) as target:
+            launches = problem_launches(dtype=DTYPES[dtype], rank=rank, dropout=dropout, bias=bias, M=M, K=K, N=N,
+                                        needs_dx=needs_dx, needs_dA=needs_dA, needs_dB=needs_dB)
+            return [inspect_config(arch, launch, config, target) for launch in launches
+                    if kernels is None or launch.name in kernels for config in launch.candidate_configs()]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous_tf32
