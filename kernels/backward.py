@@ -136,7 +136,7 @@ def _lora_backward_dx_kernel(
 # ---- autotune spaces ---------------------------------------------------------------------------------------
 
 def _dy_configs():
-    shapes = [(64, 128, 4, 4), (128, 128, 3, 8), (64, 64, 4, 4), (128, 64, 4, 4), (32, 128, 4, 4),
+    shapes = [(64, 128, 3, 8), (128, 128, 3, 8), (64, 64, 4, 4), (128, 64, 4, 4), (32, 128, 3, 8),
               (32, 64, 3, 4), (16, 32, 2, 4)]
     return tuple(tuning.config(stages, warps, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, stages, warps in shapes)
 
@@ -158,13 +158,17 @@ def _prune_dy(configs, named_args, **meta):
     def shared_bytes(cfg):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         # dy is an operand twice (dy @ B and dy^T @ xa), so count a transposed copy of its tile.
-        return max(cfg.num_stages, 2) * (bm * bn + bn * block_r) * size + (bm * bn + bm * block_r) * size
+        return tuning.pipeline_buffers(cfg) * (bm * bn + bn * block_r) * size + (bm * bn + bm * block_r) * size
 
     def accumulators(cfg):
         return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r
 
+    def operands(cfg):  # dy twice (as is and transposed), B and xa
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        return 2 * bm * bn + (bn + bm) * block_r
+
     return tuning.prune(configs, dtype=named_args["dy_ptr"].dtype, precision=meta["PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operands=operands)
 
 
 def _prune_dx(configs, named_args, **meta):
@@ -173,17 +177,23 @@ def _prune_dx(configs, named_args, **meta):
 
     def shared_bytes(cfg):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        main_loop = max(cfg.num_stages, 2) * (bm + bk) * bn * size
-        epilogue = (bm * block_r + block_r * bk + bm * bk) * size + bm * bk
-        return max(main_loop, epilogue)
+        main_loop = tuning.pipeline_buffers(cfg) * (bm + bk) * bn * size
+        # The LoRA prologue's tiles (dxa, A, x and the mask bytes) get buffers of their own (the compiled
+        # sizes on sm_90 add up: 256 KiB at r=256 for 128x128x64 with 4 stages).
+        prologue = (bm * block_r + block_r * bk + bm * bk) * size + bm * bk
+        return main_loop + prologue
 
     def accumulators(cfg):
         # The LoRA prologue holds the fp32 tile with the x tile and the mask bytes (half as much again):
         # counted as 1.5 tiles, 128x128 tiles on 4 warps and 128x256 on 8 went over (255 registers + spills).
-        return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * 3 // 2
+        return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * 3 // 2 + block_r * cfg.kwargs["BLOCK_K"]
+
+    def operands(cfg):  # dxa and A (dx's LoRA term), dxa^T and x (dA)
+        bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
+        return 2 * bm * block_r + block_r * bk + bm * bk
 
     return tuning.prune(configs, dtype=named_args["dy_ptr"].dtype, precision=meta["PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operands=operands)
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------

@@ -127,7 +127,7 @@ def _gemm_configs():
     """The Triton matmul tutorial's tiles (Ampere/Hopper), plus small ones for FMA dtypes and AMD's LDS."""
     shapes = [(128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8), (128, 128, 64, 4, 4),
               (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4),
-              (64, 64, 32, 2, 4), (32, 32, 32, 2, 4)]
+              (128, 128, 64, 2, 4), (64, 64, 32, 2, 4), (32, 32, 32, 2, 4)]
     return tuple(tuning.config(stages, warps, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8)
                  for bm, bn, bk, stages, warps in shapes)
 
@@ -149,13 +149,16 @@ def _prune_forward(configs, named_args, **meta):
 
     def shared_bytes(cfg):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        return max(cfg.num_stages, 2) * (bm + bn) * bk * size + (bm + bn) * block_r * size
+        return tuning.pipeline_buffers(cfg) * (bm + bn) * bk * size + (bm + bn) * block_r * size
 
     def accumulators(cfg):
         return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
 
+    def operands(cfg):  # the LoRA product's xa and B tiles, live with the accumulator
+        return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r
+
     return tuning.prune(configs, dtype=named_args["x_ptr"].dtype, precision=meta["PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operands=operands)
 
 
 def _prune_xa(configs, named_args, **meta):
@@ -164,13 +167,16 @@ def _prune_xa(configs, named_args, **meta):
 
     def shared_bytes(cfg):
         bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
-        return max(cfg.num_stages, 2) * (bm + block_r) * bk * size + bm * bk
+        return tuning.pipeline_buffers(cfg) * (bm + block_r) * bk * size + bm * bk
 
     def accumulators(cfg):
         return cfg.kwargs["BLOCK_M"] * block_r
 
+    def operands(cfg):
+        return (cfg.kwargs["BLOCK_M"] + block_r) * cfg.kwargs["BLOCK_K"]
+
     return tuning.prune(configs, dtype=named_args["x_ptr"].dtype, precision=meta["PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operands=operands)
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------

@@ -47,24 +47,42 @@ def config(num_stages, num_warps, **tiles):
     return triton.Config(tiles, num_stages=num_stages, num_warps=num_warps)
 
 
-def prune(configs, *, dtype, precision, shared_bytes, accumulators):
+def operands_in_registers(target) -> bool:
+    """Whether MMA operands pass through registers: mma.sync on Ampere/Ada (HMMA) and MFMA on AMD do; Hopper's
+    wgmma and Blackwell's tcgen05 read them from shared memory."""
+    return target.backend == "hip" or target.arch < 90
+
+
+def prune(configs, *, dtype, precision, shared_bytes, accumulators, operands=lambda cfg: 0):
     """The configs of `configs` that fit the active target.
 
     shared_bytes(config) -> estimated shared memory; accumulators(config) -> fp32 accumulator elements the
-    program holds at once. When none fits, the one with the least shared memory is kept, so that a launch
-    still has a config and the compiler, not the pruning, says what is wrong.
+    program holds at once; operands(config) -> elements of MMA operand tiles held at the same time, counted
+    where the target keeps operands in registers. When none fits, the one with the least shared memory is
+    kept, so that a launch still has a config and the compiler, not the pruning, says what is wrong.
     """
     target = active_target()
     limit = shared_memory_limit(target)
     budget = _TENSOR_CORE_ACC_REGS if uses_tensor_cores(dtype, precision) else _FMA_ACC_REGS
-    element_scale = 2 if dtype == torch.float64 else 1  # an fp64 accumulator takes two registers
+    register_scale = 2 if dtype == torch.float64 else 1  # an fp64 value takes two registers
+    operand_scale = element_size(dtype) / 4 if operands_in_registers(target) else 0.0
 
     def fits(cfg):
         threads = cfg.num_warps * warp_size(target)
-        return shared_bytes(cfg) <= limit and accumulators(cfg) * element_scale <= budget * threads
+        registers = (accumulators(cfg) * register_scale + operands(cfg) * operand_scale) / threads
+        return shared_bytes(cfg) <= limit and registers <= budget
 
     kept = [cfg for cfg in configs if fits(cfg)]
     return kept or [min(configs, key=shared_bytes)]
+
+
+def pipeline_buffers(cfg) -> int:
+    """Tile buffers the software pipeline keeps in shared memory for `cfg` on the active target: num_stages on
+    NVIDIA (at least 2: the compiler double-buffers), num_stages - 1 with AMD's stream pipeliner (seen in the
+    compiled LDS sizes on gfx942)."""
+    if active_target().backend == "hip":
+        return max(cfg.num_stages - 1, 1)
+    return max(cfg.num_stages, 2)
 
 
 def element_size(dtype: torch.dtype) -> int:
