@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.9",
-    packages=["lorafuse", "lorafuse.kernels", "lorafuse.bench", "lorafuse.integrations", "lorafuse.distributed"],
+    packages=["lorafuse", "lorafuse.kernels", "lorafuse.bench", "lorafuse.integrations", "lorafuse.distributed",
+              "lorafuse.inspect"],
     package_dir={"lorafuse": "lorafuse", "lorafuse.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

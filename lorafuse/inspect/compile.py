@@ -87,6 +87,16 @@ def problem_launches(*, dtype, rank, dropout, bias, M, K, N, needs_dx=True, need
     return launches
 
 
+def check_not_interpreted() -> None:
+    """Refuse to run where lorafuse.kernels was built by Triton's interpreter: those kernels cannot be compiled."""
+    from lorafuse.kernels import INTERPRETED
+
+    if INTERPRETED:
+        raise RuntimeError("lorafuse.kernels was imported with TRITON_INTERPRET set, so its kernels are interpreted "
+                           "and cannot be compiled: run the inspection in a process started without "
+                           "TRITON_INTERPRET (python -m lorafuse.inspect does this)")
+
+
 # ---- compiling and reading the result ----------------------------------------------------------------------
 
 def _config_dict(config) -> dict:
@@ -100,20 +110,49 @@ def compile_config(launch, config):
 
 
 def _first_error_line(error: Exception) -> str:
+    """The line of a compiler error that says what went wrong, prefixed with the exception's type.
+
+    ptxas failures open with Triton's generic "Internal Triton PTX codegen error"; the line that names the
+    problem is ptxas's own ("ptxas error   : ...", "ptxas fatal   : ..."), so that one is preferred.
+    """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    for line in lines:
-        if "error" in line.lower():
-            return f"{type(error).__name__}: {line}"[:400]
-    return f"{type(error).__name__}: {lines[-1] if lines else ''}"[:400]
+    ptxas = [line for line in lines if re.match(r"ptxas\s+(error|fatal)", line)]
+    errors = [line for line in lines if "error" in line.lower() and "Internal Triton PTX codegen" not in line]
+    line = (ptxas or errors or lines[-1:] or [""])[0]
+    return f"{type(error).__name__}: {line}"[:400]
+
+
+def _nvidia_bin_dir() -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 def _nvidia_tool(name: str) -> str:
-    import triton
+    """The path of a CUDA tool from the triton wheel, or TRITON_<NAME>_PATH where that names a file (as
+    Triton itself resolves ptxas). A missing tool is refused with the paths looked at."""
+    default = os.path.join(_nvidia_bin_dir(), name)
+    override = os.environ.get(f"TRITON_{name.upper().replace('-', '_')}_PATH")
+    looked_at = [path for path in (override, default) if path]
+    for path in looked_at:
+        if os.path.isfile(path):
+            return path
+    raise FileNotFoundError(f"{name} not found: looked for {' and '.join(looked_at)} (it ships with the triton "
+                            "wheel on Linux)")
 
-    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{name} not found: looked for {path} (it ships with the triton wheel on Linux)")
-    return path
+
+def check_toolchain(arch: str) -> None:
+    """Refuse before compiling anything when a tool the inspection of `arch` needs is missing (FileNotFoundError
+    naming the file): otherwise every config would report the same missing-tool error as a compile failure."""
+    if ARCHS[arch][0] == "cuda":
+        for name in ("ptxas", "cuobjdump", "nvdisasm"):
+            _nvidia_tool(name)
+
+
+def _missing_tool(error: Exception) -> Optional[str]:
+    """The tool Triton's compiler could not find ("Cannot find ptxas-blackwell"), if that is the error."""
+    match = re.search(r"Cannot find ([\w.-]+)", str(error))
+    return match.group(1) if match else None
 
 
 def _read_cuda(compiled, report: KernelReport) -> None:
@@ -139,9 +178,10 @@ def _read_cuda(compiled, report: KernelReport) -> None:
 
 
 def sass_opcodes(sass: str) -> list:
-    """The opcode (with its modifiers, e.g. `LDG.E.128`) of every instruction in nvdisasm text."""
+    """The opcode (with its modifiers, e.g. `LDG.E.128`, `HGMMA.64x128x16.F32.BF16`) of every instruction in
+    nvdisasm text."""
     opcodes = []
-    for match in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)", sass):
+    for match in re.finditer(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.[0-9A-Za-z_]+)*)", sass):
         opcodes.append(match.group(1))
     return opcodes
 
@@ -172,6 +212,10 @@ def inspect_config(arch: str, launch, config, target) -> KernelReport:
     try:
         compiled = compile_config(launch, config)
     except Exception as error:  # the compiler's refusal is the finding, not a crash of the inspection
+        tool = _missing_tool(error)
+        if tool is not None:  # a broken installation, not a finding about the kernel
+            _nvidia_tool(tool)
+            raise
         report.error = _first_error_line(error)
         return report
     report.compiled = True
@@ -194,6 +238,8 @@ def inspect_problem(arch: str, *, dtype="bf16", rank=16, dropout=0.1, bias=True,
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    check_toolchain(arch)
+    check_not_interpreted()
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     try:

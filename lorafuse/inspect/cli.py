@@ -1,0 +1,120 @@
+"""`python -m lorafuse.inspect`: compile a LoRA training step's kernels for a GPU this machine lacks, and report.
+
+Prints a table (one row per kernel and autotune config) and the rules the launches break (lorafuse.inspect.rules);
+`--json PATH` also writes everything as JSON. Exit status: 0 when every launch satisfies the rules, 1 when one
+does not (or a tool is missing), 2 for a bad option.
+"""
+
+import argparse
+import json
+import sys
+
+from .targets import ARCHS
+
+_DTYPE_NAMES = ("fp16", "bf16", "fp32", "fp64")
+_GRADS = ("dx", "dA", "dB")
+_KERNELS = ("forward_xa", "forward", "backward_dy", "backward_dx")
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _dropout(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
+    return value
+
+
+def _shape(text):
+    parts = text.split(",")
+    if len(parts) != 3 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        raise argparse.ArgumentTypeError(f"must be three positive integers M,K,N (x: MxK, y: MxN), got {text!r}")
+    return tuple(int(part) for part in parts)
+
+
+def _names(allowed):
+    def parse(text):
+        names = [name.strip() for name in text.split(",") if name.strip()]
+        unknown = [name for name in names if name not in allowed]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"must be a comma-separated subset of {','.join(allowed)}, got {text!r}"
+                                             + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+        return tuple(names)
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m lorafuse.inspect",
+        description="Compile every kernel and autotune config of a FusedLoRALinear training step for a GPU target "
+                    "with Triton's own compiler (no GPU needed) and report registers, spills, shared memory, "
+                    "matrix-core and load instructions.")
+    parser.add_argument("--arch", required=True, choices=(*ARCHS, "all"),
+                        help="target: " + ", ".join(f"{arch} ({ARCHS[arch][3]})" for arch in ARCHS) + "; all: each")
+    parser.add_argument("--dtype", default="bf16", choices=_DTYPE_NAMES, help="x, W, A and B dtype (default bf16)")
+    parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default 16)")
+    parser.add_argument("--dropout", type=_dropout, default=0.1, help="lora_dropout p (default 0.1)")
+    parser.add_argument("--no-bias", action="store_true", help="the base layer has no bias")
+    parser.add_argument("--tf32", action="store_true", help="fp32 on TF32 matrix cores (torch's allow_tf32)")
+    parser.add_argument("--shape", type=_shape, default=(8192, 4096, 4096),
+                        help="M,K,N: tokens, in_features, out_features (default 8192,4096,4096: llama-7b q_proj)")
+    parser.add_argument("--grads", type=_names(_GRADS), default=_GRADS,
+                        help="gradients the backward computes (default dx,dA,dB; dA,dB for a first layer)")
+    parser.add_argument("--kernels", type=_names(_KERNELS), default=None,
+                        help=f"only these launches ({','.join(_KERNELS)}; default all)")
+    parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH (- for stdout)")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tf32 and args.dtype != "fp32":
+        parser.error(f"--tf32 applies to --dtype fp32 only, got --dtype {args.dtype}")
+    # Imported here: torch and Triton take seconds to import, and a bad option should not wait for them.
+    from .compile import inspect_problem
+    from .report import format_table, to_document
+    from .rules import launch_findings
+
+    M, K, N = args.shape
+    problem = dict(dtype=args.dtype, rank=args.rank, dropout=args.dropout, bias=not args.no_bias, M=M, K=K, N=N,
+                   tf32=args.tf32, needs_dx="dx" in args.grads, needs_dA="dA" in args.grads,
+                   needs_dB="dB" in args.grads)
+    archs = list(ARCHS) if args.arch == "all" else [args.arch]
+    runs, findings = {}, {}
+    for arch in archs:
+        try:
+            reports = inspect_problem(arch, **problem, kernels=args.kernels)
+        except FileNotFoundError as error:  # a tool the wheel should ship is missing: name it, no traceback
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 1
+        runs[arch] = reports
+        findings[arch] = [finding for kernel in dict.fromkeys(report.kernel for report in reports)
+                          for finding in launch_findings([r for r in reports if r.kernel == kernel],
+                                                         dtype=args.dtype)]
+    document = to_document(runs, problem=problem, findings=findings)
+    print(f"# triton {document['triton']}, torch {document['torch']}; {args.dtype} r={args.rank} "
+          f"dropout={args.dropout} bias={not args.no_bias} tf32={args.tf32} shape {M}x{K}->{N} "
+          f"grads {','.join(args.grads)}")
+    print(format_table([report for reports in runs.values() for report in reports]))
+    broken = [f"{arch}: {finding}" for arch in archs for finding in findings[arch]]
+    print("\n" + ("\n".join(["rules broken:"] + broken) if broken else "every launch has a config that fits"))
+    if args.json == "-":
+        json.dump(document, sys.stdout, indent=1)
+        print()
+    elif args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(document, f, indent=1)
+            f.write("\n")
+    return 1 if broken else 0

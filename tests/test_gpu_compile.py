@@ -1,0 +1,139 @@
+"""Every kernel compiles and fits on sm_80, sm_90, sm_100 and gfx942, checked without a GPU (issue 9).
+
+Each variant's launches are compiled config by config with Triton's real compiler for the target
+(lorafuse.inspect) in worker processes, and must satisfy lorafuse.inspect.rules: no compiler error other than
+out-of-resources, a config within shared memory (spill-free for fp16/bf16), matrix cores for fp16/bf16.
+
+`make test` checks representative variants; `make check-gpu-compile` (LORAFUSE_GPU_COMPILE=all) every one.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lorafuse.inspect import KernelReport
+from lorafuse.inspect import compile as inspect_compile
+from lorafuse.inspect.cli import main as cli_main
+from lorafuse.inspect.report import format_table, global_reads_summary
+from lorafuse.inspect.rules import is_out_of_resources, launch_findings
+from lorafuse.inspect.sweep import all_variants, representative_variants, run_sweep
+
+pytest.importorskip("triton")
+
+_VARIANTS = all_variants() if os.environ.get("LORAFUSE_GPU_COMPILE") == "all" else representative_variants()
+
+
+@pytest.fixture(scope="module")
+def sweep():
+    """One sweep over the selected variants, shared by their tests (distinct compiles run once)."""
+    return run_sweep(_VARIANTS)
+
+
+@pytest.mark.parametrize("variant", _VARIANTS, ids=lambda variant: variant.label)
+def test_variant_compiles_and_fits(sweep, variant):
+    findings = sweep.findings[variant]
+    assert not findings, f"{variant.label}:\n  " + "\n  ".join(findings)
+
+
+# ---- the rules, on reports with known answers --------------------------------------------------------------
+
+def _report(**fields):
+    base = dict(arch="sm_90", kernel="forward", config={"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 4,
+                                                        "num_stages": 3},
+                compiled=True, registers=128, spill_bytes=0, shared_bytes=100 * 1024, shared_limit=227 * 1024,
+                matrix_instructions={"HGMMA.64x128x16.F32.BF16": 8}, global_reads={"LDG.E.128": 4},
+                instruction_counts={"HGMMA.64x128x16.F32.BF16": 8, "LDG.E.128": 4, "LDS": 3, "STL": 0})
+    return KernelReport(**{**base, **fields})
+
+
+def test_out_of_resources_is_told_from_other_compiler_errors():
+    assert is_out_of_resources("OutOfResources: out of resource: shared memory, Required: 237568, Hardware limit: "
+                               "232448")
+    assert is_out_of_resources("ptxas error   : Entry function 'k' uses too much shared data (0x3a000 bytes)")
+    assert is_out_of_resources("LLVM ERROR: local memory (98304) exceeds limit (65536) in function 'k'")
+    assert not is_out_of_resources("CompilationError: shared-memory element type bit width must be a multiple of "
+                                   "8; got 1")
+    assert not is_out_of_resources("PTXASError: ptxas fatal   : Internal error: register allocation failed")
+    assert not is_out_of_resources(None)
+
+
+def test_rules_accept_a_fitting_launch_and_name_what_breaks():
+    assert launch_findings([_report(), _report(shared_bytes=300 * 1024)], dtype="bf16") == []
+    broken = launch_findings([_report(compiled=False, error="CompilationError: bit width 1"),
+                              _report(shared_bytes=300 * 1024), _report(spill_bytes=64, matrix_instructions={})],
+                             dtype="bf16")
+    assert broken == ["forward [M128 N128 w4 s3]: compiler error: CompilationError: bit width 1",
+                      "forward: every config within shared memory spills (the least: 64 bytes in [M128 N128 w4 s3])",
+                      "forward [M128 N128 w4 s3]: no matrix-core instructions"]
+    # Spills and FMA are allowed for fp64 (no fp64 matrix cores on most targets); shared memory is not.
+    assert launch_findings([_report(spill_bytes=64, matrix_instructions={})], dtype="fp64") == []
+    assert launch_findings([_report(shared_bytes=300 * 1024)], dtype="fp64") == [
+        "forward: no config fits shared memory (the least is 300 KiB of 227 KiB)"]
+    assert launch_findings([_report(compiled=False, error="OutOfResources: out of resource: shared memory")],
+                           dtype="fp64") == ["forward: no config fits shared memory (none compiled)"]
+    # Hopper's wgmma fences are not products: a config with only them does not use the matrix cores.
+    assert launch_findings([_report(matrix_instructions={"WARPGROUP.ARRIVE": 2})], dtype="fp16") == [
+        "forward [M128 N128 w4 s3]: no matrix-core instructions"]
+
+
+def test_table_shows_each_config_and_the_compiler_error():
+    table = format_table([_report(), _report(compiled=False, error="PTXASError: ptxas fatal   : boom",
+                                             kernel="backward_dx")])
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["arch", "kernel", "config", "result"]
+    assert "fits" in lines[2] and "100/227" in lines[2] and "HGMMA.64x128x16.F32.BF16*8" in lines[2]
+    assert "backward_dx" in lines[3] and "ERROR" in lines[3]
+    assert lines[4].strip() == "error: PTXASError: ptxas fatal   : boom"
+    assert global_reads_summary(_report(global_reads={"LDG.E.128": 3, "LDG.E.U16": 1, "LDGSTS.E.BYPASS.128": 36,
+                                                      "LDGDEPBAR": 6, "UTMALDG.2D": 2})) == \
+        "LDG 128b*3 16b*1, cp.async 128b*36, TMA*2"
+    assert global_reads_summary(_report(global_reads={"buffer_load_dwordx4": 16, "buffer_load_dwordx2": 6})) == \
+        "buffer_load 128b*16 64b*6"
+
+
+# ---- the command line --------------------------------------------------------------------------------------
+
+def _cli(*args):
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "lorafuse.inspect", *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--arch", "sm_75"], "'sm_75'"),
+    (["--arch", "sm_90", "--dtype", "int8"], "'int8'"),
+    (["--arch", "sm_90", "--shape", "8192,4096"], "'8192,4096'"),
+    (["--arch", "sm_90", "--shape", "8192,0,4096"], "'8192,0,4096'"),
+    (["--arch", "sm_90", "--grads", "dx,dW"], "dW"),
+    (["--arch", "sm_90", "--rank", "0"], "'0'"),
+])
+def test_cli_refuses_bad_options_by_name(args, named, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(args)
+    assert exit_info.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_cli_names_the_missing_cuda_tool(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(inspect_compile, "_nvidia_bin_dir", lambda: str(tmp_path))
+    for name in ("PTXAS", "CUOBJDUMP", "NVDISASM"):
+        monkeypatch.delenv(f"TRITON_{name}_PATH", raising=False)
+    assert cli_main(["--arch", "sm_90"]) == 1
+    assert f"ptxas not found: looked for {tmp_path / 'ptxas'}" in capsys.readouterr().err
+
+
+def test_cli_compiles_and_writes_json(tmp_path):
+    """A real compile through the command line (gfx942 compiles fastest): the table, the JSON, exit status 0."""
+    out = tmp_path / "report.json"
+    done = _cli("--arch", "gfx942", "--dtype", "fp16", "--rank", "16", "--dropout", "0.1", "--kernels",
+                "forward_xa", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "forward_xa" in done.stdout and "v_mfma" in done.stdout
+    import json
+
+    document = json.loads(out.read_text())
+    assert document["problem"]["dtype"] == "fp16" and document["triton"]
+    reports = document["archs"]["gfx942"]["reports"]
+    assert reports and all(report["kernel"] == "forward_xa" and report["compiled"] for report in reports)
