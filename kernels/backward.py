@@ -24,7 +24,7 @@ from lorafuse.checks import check_lora_inputs, seed_tensor
 from lorafuse.dropout_rng import drop_threshold
 
 from . import tuning
-from .common import _grouped_tile, _mma, dot_options, is_interpreted, rank_block, small_block
+from .common import _grouped_tile, _mma, is_interpreted, lora_dot_options, rank_block, small_block
 from .dropout import _dropout_bytes
 from .forward import _GEMM_CONFIGS
 from .launches import Launch, run
@@ -33,14 +33,15 @@ from .launches import Launch, run
 @triton.jit
 def _lora_backward_dy_kernel(
     dy_ptr,  # *[M, N] output gradient, any strides
-    b_ptr,  # *[N, R] lora_B
-    xa_ptr,  # *[M, R] saved dropout(x) @ A^T
-    dxa_ptr,  # *[M, R] output: s * dy @ B
+    b_ptr,  # *[N, R] lora_B, in the adapters' dtype (x's, or fp32)
+    xa_ptr,  # *[M, R] saved dropout(x) @ A^T, in the adapters' dtype
+    dxa_ptr,  # *[M, R] output in the adapters' dtype: s * dy @ B
     db_ptr,  # *fp32 (fp64 for fp64 inputs) [N, R] contiguous, zeroed: dB accumulates here
     M, N, R,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_dxam, stride_dxar,
     scaling,
-    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -58,9 +59,10 @@ def _lora_backward_dy_kernel(
                      mask=in_m[:, None] & in_n[None, :], other=0.0)
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=in_n[:, None] & in_r[None, :], other=0.0)
-        dxa = _mma(dy, b, dxa, UPCAST, PRECISION)
+        dy = dy.to(b.dtype)  # a no-op, or fp16/bf16 -> fp32 for fp32 adapters
+        dxa = _mma(dy, b, dxa, UPCAST, LORA_PRECISION)
         if COMPUTE_DB:
-            db = _mma(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, PRECISION)
+            db = _mma(tl.trans(dy), xa, tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION)
             tl.atomic_add(db_ptr + offs_n[:, None] * R + offs_r[None, :], db * scaling,
                           mask=in_n[:, None] & in_r[None, :])
     tl.store(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
@@ -71,9 +73,9 @@ def _lora_backward_dy_kernel(
 def _lora_backward_dx_kernel(
     dy_ptr,  # *[M, N] output gradient, any strides
     w_ptr,  # *[N, K] frozen base weight, any strides
-    a_ptr,  # *[R, K] lora_A
+    a_ptr,  # *[R, K] lora_A, in the adapters' dtype
     x_ptr,  # *[M, K] saved input
-    dxa_ptr,  # *[M, R] from launch 1
+    dxa_ptr,  # *[M, R] from launch 1, in the adapters' dtype
     dx_ptr,  # *[M, K] output: input gradient (written when COMPUTE_DX)
     da_ptr,  # *fp32 (fp64 for fp64 inputs) [R, K] contiguous, zeroed: dA accumulates here (when COMPUTE_DA)
     seed_ptr,  # *int64 one element: the forward's dropout seed
@@ -83,7 +85,7 @@ def _lora_backward_dx_kernel(
     threshold,  # uint8 dropout threshold of the forward
     keep_scale,  # 1 / (1 - p), the float the forward scaled by
     COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -108,7 +110,8 @@ def _lora_backward_dx_kernel(
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(random_bytes >= threshold, x, 0.0).to(x.dtype)
-        da = _mma(tl.trans(dxa), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE), UPCAST, PRECISION)
+        x = x.to(dxa.dtype)  # a no-op, or fp16/bf16 -> fp32 for fp32 adapters
+        da = _mma(tl.trans(dxa), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION)
         if HAS_DROPOUT:
             da = da * keep_scale
         tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
@@ -117,7 +120,7 @@ def _lora_backward_dx_kernel(
     if COMPUTE_DX:
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=in_r[:, None] & in_k[None, :], other=0.0)
-        acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, PRECISION)
+        acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION)
         if HAS_DROPOUT:
             acc = tl.where(random_bytes >= threshold, acc * keep_scale, 0.0)
         # The main loop: exactly a plain GEMM's (dy @ W).
@@ -153,12 +156,14 @@ _DX_CONFIGS = _dx_configs()
 
 def _prune_dy(configs, named_args, **meta):
     size = tuning.element_size(named_args["dy_ptr"].dtype)
+    adapter_size = tuning.element_size(named_args["b_ptr"].dtype)
     block_r = meta["BLOCK_R"]
 
     def shared_bytes(cfg):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        # dy is an operand twice (dy @ B and dy^T @ xa), so count a transposed copy of its tile.
-        return tuning.pipeline_buffers(cfg) * (bm * bn + bn * block_r) * size + (bm * bn + bm * block_r) * size
+        # dy is an operand twice (dy @ B and dy^T @ xa, in the adapters' dtype), so count a transposed copy.
+        return (tuning.pipeline_buffers(cfg) * (bm * bn * size + bn * block_r * adapter_size)
+                + (bm * bn + bm * block_r) * adapter_size)
 
     def accumulators(cfg):
         return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r
@@ -173,6 +178,7 @@ def _prune_dy(configs, named_args, **meta):
 
 def _prune_dx(configs, named_args, **meta):
     size = tuning.element_size(named_args["dy_ptr"].dtype)
+    adapter_size = tuning.element_size(named_args["a_ptr"].dtype)
     block_r = meta["BLOCK_R"]
 
     def shared_bytes(cfg):
@@ -180,7 +186,7 @@ def _prune_dx(configs, named_args, **meta):
         main_loop = tuning.pipeline_buffers(cfg) * (bm + bk) * bn * size
         # The LoRA prologue's tiles (dxa, A, x and the mask bytes) get buffers of their own (the compiled
         # sizes on sm_90 add up: 256 KiB at r=256 for 128x128x64 with 4 stages).
-        prologue = (bm * block_r + block_r * bk + bm * bk) * size + bm * bk
+        prologue = (bm * block_r + block_r * bk + bm * bk) * adapter_size + bm * bk
         return main_loop + prologue
 
     def accumulators(cfg):
@@ -207,7 +213,7 @@ def backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused
     """
     M, K = x.shape
     N, R = lora_B.shape
-    dots = dot_options(x.dtype, interpreted)
+    dots = lora_dot_options(x.dtype, lora_A.dtype, interpreted)
     block_r = rank_block(R)
     threshold = drop_threshold(dropout_p)
     launches = [Launch(
@@ -242,17 +248,17 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
     """Run the fused backward.
 
     dy: (M, N); x: (M, K) the forward's input; weight: (N, K); lora_A: (r, K); lora_B: (N, r);
-    xa: (M, r) from the forward; seed: the forward's seed. Any strides are accepted.
+    xa: (M, r) from the forward, in the adapters' dtype; seed: the forward's seed. Any strides are accepted.
     Returns (dx or None, dA or None, dB or None) in the dtypes of x, lora_A and lora_B.
     """
     check_lora_inputs(x, weight, None, lora_A, lora_B)
     M, K = x.shape
     N, R = lora_B.shape
-    for name, tensor, shape in (("dy", dy, (M, N)), ("xa", xa, (M, R))):
+    for name, tensor, shape, dtype in (("dy", dy, (M, N), x.dtype), ("xa", xa, (M, R), lora_A.dtype)):
         if tuple(tensor.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
-        if tensor.dtype != x.dtype or tensor.device != x.device:
-            raise TypeError(f"{name} must be {x.dtype} on {x.device}, got {tensor.dtype} on {tensor.device}")
+        if tensor.dtype != dtype or tensor.device != x.device:
+            raise TypeError(f"{name} must be {dtype} on {x.device}, got {tensor.dtype} on {tensor.device}")
     device = x.device
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else None
     acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -263,7 +269,7 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
             dx.zero_()
         return dx, _cast(da, lora_A.dtype), _cast(db, lora_B.dtype)
 
-    dxa = torch.empty((M, R), dtype=x.dtype, device=device)
+    dxa = torch.empty((M, R), dtype=lora_A.dtype, device=device)
     unused = torch.zeros(1, dtype=acc_dtype, device=device)
     launches = backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused,
                                  seed_tensor(seed, device), scaling=scaling, dropout_p=dropout_p,

@@ -59,6 +59,12 @@ def dot_options(dtype: torch.dtype, interpreted: bool) -> dict:
             "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32}
 
 
+def lora_dot_options(x_dtype: torch.dtype, adapter_dtype: torch.dtype, interpreted: bool) -> dict:
+    """dot_options for x's tiles, plus LORA_PRECISION for the products whose operands are in the adapters'
+    dtype (fp32 adapters on a half-precision model take torch's fp32 rule: "ieee" unless TF32 is allowed)."""
+    return {**dot_options(x_dtype, interpreted), "LORA_PRECISION": dot_options(adapter_dtype, interpreted)["PRECISION"]}
+
+
 def rank_block(r: int) -> int:
     """Tile width for the rank dimension: `tl.dot` needs at least 16, and a power of two."""
     return max(16, triton.next_power_of_2(r))

@@ -25,7 +25,7 @@ from lorafuse.checks import check_lora_inputs, seed_tensor
 from lorafuse.dropout_rng import drop_threshold
 
 from . import tuning
-from .common import _grouped_tile, _mma, dot_options, is_interpreted, rank_block, small_block
+from .common import _grouped_tile, _mma, is_interpreted, lora_dot_options, rank_block, small_block
 from .dropout import _dropout_bytes
 from .launches import Launch, run
 
@@ -34,14 +34,14 @@ from .launches import Launch, run
 def _lora_xa_kernel(
     x_ptr,  # *[M, K] input, any strides
     a_ptr,  # *[R, K] lora_A
-    xa_ptr,  # *[M, R] output: dropout(x) @ A^T, saved for backward
+    xa_ptr,  # *[M, R] output in the adapters' dtype: dropout(x) @ A^T, saved for backward
     seed_ptr,  # *int64 one element: the dropout seed (read when HAS_DROPOUT)
     M, K, R,  # problem sizes
     stride_xm, stride_xk, stride_ar, stride_ak, stride_xam, stride_xar,
     threshold,  # uint8 dropout threshold: keep where the random byte >= threshold
     keep_scale,  # 1 / (1 - p), exact
     HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     offs_m = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -61,11 +61,12 @@ def _lora_xa_kernel(
         if HAS_DROPOUT:
             keep = _dropout_bytes(seed, offs_m, k0, K, BLOCK_M, BLOCK_K) >= threshold
             x = tl.where(keep, x, 0.0).to(x.dtype)
-        xa = _mma(x, a_t, xa, UPCAST, PRECISION)
+        # x's tile in A's dtype: a no-op, or fp16/bf16 -> fp32 for fp32 adapters (no fp32 copy of x is made).
+        xa = _mma(x.to(a_t.dtype), a_t, xa, UPCAST, LORA_PRECISION)
     if HAS_DROPOUT:
         # 1 / (1 - p) once, after the sum: one rounding, and the backward scales by the same float.
         xa = xa * keep_scale
-    # Rounded to the input dtype, as an unfused LoRA has it before B (and as it is saved).
+    # Rounded to the adapters' dtype, as an unfused LoRA has it before B (and as it is saved).
     tl.store(xa_ptr + offs_m[:, None] * stride_xam + offs_r[None, :] * stride_xar,
              xa.to(xa_ptr.dtype.element_ty), mask=in_m[:, None] & in_r[None, :])
 
@@ -75,8 +76,8 @@ def _lora_forward_kernel(
     x_ptr,  # *[M, K] input, any strides
     w_ptr,  # *[N, K] frozen base weight, any strides (a transposed view works)
     bias_ptr,  # *[N] bias; unused when HAS_BIAS is False
-    xa_ptr,  # *[M, R] from the prologue
-    b_ptr,  # *[N, R] lora_B
+    xa_ptr,  # *[M, R] from the prologue, in the adapters' dtype
+    b_ptr,  # *[N, R] lora_B, in the adapters' dtype (x's, or fp32)
     y_ptr,  # *[M, N] output
     M, N, K, R,  # problem sizes
     stride_xm, stride_xk, stride_wn, stride_wk,
@@ -84,7 +85,7 @@ def _lora_forward_kernel(
     stride_ym, stride_yn,
     scaling,  # lora_alpha / r (or / sqrt(r) for rsLoRA)
     HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -103,7 +104,7 @@ def _lora_forward_kernel(
                  mask=in_m[:, None] & in_r[None, :], other=0.0)
     b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                   mask=in_r[:, None] & in_n[None, :], other=0.0)
-    acc = _mma(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, PRECISION) * scaling
+    acc = _mma(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION) * scaling
 
     # The main loop: exactly a plain GEMM's.
     for k0 in range(0, K, BLOCK_K):
@@ -145,11 +146,12 @@ _XA_CONFIGS = _xa_configs()
 
 def _prune_forward(configs, named_args, **meta):
     size = tuning.element_size(named_args["x_ptr"].dtype)
+    adapter_size = tuning.element_size(named_args["b_ptr"].dtype)
     block_r = meta["BLOCK_R"]
 
     def shared_bytes(cfg):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        return tuning.pipeline_buffers(cfg) * (bm + bn) * bk * size + (bm + bn) * block_r * size
+        return tuning.pipeline_buffers(cfg) * (bm + bn) * bk * size + (bm + bn) * block_r * adapter_size
 
     def accumulators(cfg):
         return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
@@ -163,11 +165,13 @@ def _prune_forward(configs, named_args, **meta):
 
 def _prune_xa(configs, named_args, **meta):
     size = tuning.element_size(named_args["x_ptr"].dtype)
+    adapter_size = tuning.element_size(named_args["a_ptr"].dtype)
     block_r = meta["BLOCK_R"]
 
     def shared_bytes(cfg):
         bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
-        return tuning.pipeline_buffers(cfg) * (bm + block_r) * bk * size + bm * bk
+        # x's tile, A's tile, and x converted to A's dtype (fp32 adapters) plus the mask bytes.
+        return tuning.pipeline_buffers(cfg) * (bm * size + block_r * adapter_size) * bk + bm * bk * (adapter_size + 1)
 
     def accumulators(cfg):
         return cfg.kwargs["BLOCK_M"] * block_r
@@ -185,7 +189,7 @@ def forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed, *, scaling, d
     """The two launches of the forward for these tensors (see `Launch`); nothing is run."""
     M, K = x.shape
     N, R = lora_B.shape
-    dots = dot_options(x.dtype, interpreted)
+    dots = lora_dot_options(x.dtype, lora_A.dtype, interpreted)
     block_r = rank_block(R)
     threshold = drop_threshold(dropout_p)
     prologue = Launch(
@@ -214,7 +218,8 @@ def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
 
     x: (M, K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); seed: an int or a
     one-element int64 tensor (used when dropout_p > 0). Any strides are accepted.
-    Returns y: (M, N) and xa = dropout(x) @ A^T: (M, r), both in x's dtype.
+    lora_A and lora_B are in x's dtype or (on a float16/bfloat16 x) float32.
+    Returns y: (M, N) in x's dtype and xa = dropout(x) @ A^T: (M, r) in the adapters' dtype.
     """
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     if x.dim() != 2:
@@ -222,7 +227,7 @@ def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
     M, K = x.shape
     N, R = lora_B.shape
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    xa = torch.empty((M, R), dtype=x.dtype, device=x.device)
+    xa = torch.empty((M, R), dtype=lora_A.dtype, device=x.device)
     if M == 0:
         return y, xa
     if N == 0 or K == 0:

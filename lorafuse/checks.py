@@ -44,11 +44,21 @@ def seed_tensor(seed, device) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
+def check_adapter_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype, *, name: str) -> None:
+    """Adapters take x's dtype, or float32 on a float16/bfloat16 model (PEFT's default: Adam steps on
+    half-precision adapters lose most of their low bits)."""
+    if adapter_dtype == x_dtype or (adapter_dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)):
+        return
+    allowed = f"{x_dtype}" + (" or torch.float32" if x_dtype in (torch.float16, torch.bfloat16) else "")
+    raise TypeError(f"{name} has dtype {adapter_dtype} but x has dtype {x_dtype}; adapters must be {allowed}")
+
+
 def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
     """Check shapes, dtypes and devices of one LoRA linear call.
 
     x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None;
-    lora_A: (r, in_features); lora_B: (out_features, r).
+    lora_A: (r, in_features); lora_B: (out_features, r). weight and bias have x's dtype; lora_A and lora_B
+    share one dtype, x's or float32 (on a float16/bfloat16 x).
     """
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
@@ -59,8 +69,14 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {x.dtype}")
     for name, tensor in named.items():
+        if name in ("lora_A", "lora_B"):
+            continue
         if tensor.dtype != x.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but x has dtype {x.dtype}; they must match")
+    check_adapter_dtype(x.dtype, lora_A.dtype, name="lora_A")
+    if lora_B.dtype != lora_A.dtype:
+        raise TypeError(f"lora_B has dtype {lora_B.dtype} but lora_A has dtype {lora_A.dtype}; they must match")
+    for name, tensor in named.items():
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; they must be on one device")
     if x.dim() < 1:

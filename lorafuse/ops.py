@@ -23,7 +23,8 @@ def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
     """y = x @ W^T + b + scaling * xa @ B^T and xa = dropout(x) @ A^T.
 
     x: (M, K); weight: (N, K), any strides; bias: (N,) or None; lora_A: (r, K); lora_B: (N, r);
-    seed: one-element int64 tensor. Returns y: (M, N) and xa: (M, r), contiguous, in x's dtype.
+    seed: one-element int64 tensor. Returns y: (M, N) in x's dtype and xa: (M, r) in the adapters' dtype,
+    both contiguous.
     """
     backend = select_backend(x)
     y, xa = backend.lora_forward(x, weight, bias, lora_A, lora_B, scaling=scaling, dropout_p=dropout_p, seed=seed)
@@ -33,7 +34,7 @@ def lora_forward(x: Tensor, weight: Tensor, bias: Optional[Tensor], lora_A: Tens
 
 @lora_forward.register_fake
 def _lora_forward_fake(x, weight, bias, lora_A, lora_B, seed, *, scaling, dropout_p):
-    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_A.shape[0]))
+    return x.new_empty((x.shape[0], weight.shape[0])), lora_A.new_empty((x.shape[0], lora_A.shape[0]))
 
 
 @torch.library.custom_op("lorafuse::lora_backward", mutates_args=())

@@ -34,22 +34,27 @@ def _dropped(x, dropout_p, seed):
 def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
     """Same contract as `lorafuse.kernels.lora_forward`: returns y (M, N) and xa (M, r)."""
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
-    xa = _dropped(x, dropout_p, seed) @ lora_A.t()
+    xa = _dropped(x, dropout_p, seed).to(lora_A.dtype) @ lora_A.t()
     y = torch.nn.functional.linear(x, weight, bias)
-    y.add_(xa @ lora_B.t(), alpha=scaling)
-    return y, xa
+    if lora_A.dtype == x.dtype:
+        return y.add_(xa @ lora_B.t(), alpha=scaling), xa
+    # fp32 adapters: the sum in fp32, rounded once to x's dtype.
+    return (y.to(lora_A.dtype) + (xa @ lora_B.t()) * scaling).to(x.dtype), xa
 
 
 def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed,
                   needs_dx=True, needs_dA=True, needs_dB=True):
     """Same contract as `lorafuse.kernels.lora_backward`: returns (dx, dA, dB), None where not needed."""
-    dxa = (dy @ lora_B) * scaling
-    dB = (dy.t() @ xa) * scaling if needs_dB else None
+    adapter_dtype = lora_A.dtype
+    dy_adapter = dy.to(adapter_dtype)
+    dxa = (dy_adapter @ lora_B) * scaling
+    dB = (dy_adapter.t() @ xa) * scaling if needs_dB else None
     dx = dA = None
     if needs_dx or needs_dA:
-        keep_scaled = _dropped(torch.ones_like(x), dropout_p, seed)
+        keep_scaled = _dropped(torch.ones_like(x, dtype=adapter_dtype), dropout_p, seed)
         if needs_dA:
-            dA = dxa.t() @ (x * keep_scaled)
+            dA = dxa.t() @ (x.to(adapter_dtype) * keep_scaled)
         if needs_dx:
-            dx = dy @ weight + (dxa @ lora_A) * keep_scaled
+            dx = (dy @ weight).to(adapter_dtype) + (dxa @ lora_A) * keep_scaled
+            dx = dx.to(x.dtype)
     return dx, dA, dB

@@ -25,6 +25,23 @@ def test_odd_shapes(device, dtype, r, dropout_p, bias):
     check_against_oracle(tensors, scaling=2.0 / r**0.5, dropout_p=dropout_p, dtype=dtype)
 
 
+HALF_DTYPES = [t for t in DTYPES if t in (torch.float16, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+@pytest.mark.parametrize("r", [1, 16, 64])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.1])
+def test_fp32_adapters_on_half_precision(device, dtype, r, dropout_p):
+    # PEFT's default on fp16/bf16 models: x and W in half precision, A and B (and dA, dB) in fp32.
+    tensors = make_problem(37, 70, 45, r, dtype=dtype, device=device, adapter_dtype=torch.float32)
+    check_against_oracle(tensors, scaling=2.0 / r**0.5, dropout_p=dropout_p, dtype=dtype)
+
+
+def test_fp32_adapters_many_tiles(device):
+    tensors = make_problem(150, 140, 133, 8, dtype=torch.float16, device=device, adapter_dtype=torch.float32)
+    check_against_oracle(tensors, scaling=2.0, dropout_p=0.3, dtype=torch.float16)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_many_tiles(device, dtype, dropout_p):

@@ -22,6 +22,13 @@ def test_against_oracle(torch_path, dtype, dropout_p, base_grad):
     check_against_oracle(tensors, scaling=2.0, dropout_p=dropout_p, dtype=dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_fp32_adapters_against_oracle(torch_path, dtype, dropout_p):
+    tensors = make_problem(23, 40, 24, 8, dtype=dtype, device="cpu", adapter_dtype=torch.float32)
+    check_against_oracle(tensors, scaling=2.0, dropout_p=dropout_p, dtype=dtype)
+
+
 def test_gradcheck(torch_path):
     tensors = make_problem(5, 7, 6, 2, dtype=torch.float64, device="cpu", base_grad=True)
 

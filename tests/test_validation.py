@@ -43,6 +43,27 @@ def test_dtype_mismatch(device):
         layer(torch.randn(2, 8, device=device, dtype=torch.float16))
 
 
+def test_adapter_dtype_must_be_x_dtype_or_fp32_on_half_precision(device):
+    from lorafuse import lora_linear
+
+    def call(x_dtype, a_dtype, b_dtype=None):
+        x = torch.randn(2, 8, device=device, dtype=x_dtype)
+        weight = torch.randn(4, 8, device=device, dtype=x_dtype)
+        lora_A = torch.randn(3, 8, device=device, dtype=a_dtype)
+        lora_B = torch.randn(4, 3, device=device, dtype=b_dtype or a_dtype)
+        return lora_linear(x, weight, None, lora_A, lora_B, scaling=1.0)
+
+    assert call(torch.float16, torch.float32).dtype == torch.float16
+    with pytest.raises(TypeError, match=r"lora_A has dtype torch.float64 but x has dtype torch.float16; "
+                                        r"adapters must be torch.float16 or torch.float32"):
+        call(torch.float16, torch.float64)
+    with pytest.raises(TypeError, match=r"lora_A has dtype torch.float16 but x has dtype torch.float32; "
+                                        r"adapters must be torch.float32$"):
+        call(torch.float32, torch.float16)
+    with pytest.raises(TypeError, match=r"lora_B has dtype torch.float16 but lora_A has dtype torch.float32"):
+        call(torch.float16, torch.float32, torch.float16)
+
+
 def test_device_mismatch():
     layer = FusedLoRALinear(8, 4, device="meta")
     with pytest.raises(ValueError, match=r"weight is on meta but x is on cpu"):
