@@ -15,6 +15,7 @@ import pytest
 
 from lorafuse.inspect import KernelReport
 from lorafuse.inspect import compile as inspect_compile
+from lorafuse.inspect import sweep as sweep_module
 from lorafuse.inspect.cli import main as cli_main
 from lorafuse.inspect.report import format_table, global_reads_summary
 from lorafuse.inspect.rules import is_out_of_resources, launch_findings
@@ -137,3 +138,31 @@ def test_cli_compiles_and_writes_json(tmp_path):
     assert document["problem"]["dtype"] == "fp16" and document["triton"]
     reports = document["archs"]["gfx942"]["reports"]
     assert reports and all(report["kernel"] == "forward_xa" and report["compiled"] for report in reports)
+
+
+# ---- worker processes --------------------------------------------------------------------------------------
+
+_FAKE_WORKER = """
+import json, os, signal, sys, time
+request = json.load(sys.stdin)
+for job in request["jobs"]:
+    if job["kernel"] == "crash":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    if job["kernel"] == "hang":
+        time.sleep(60)
+    print(json.dumps({"arch": "sm_90", "kernel": job["kernel"], "config": job["config"], "compiled": True}), flush=True)
+"""
+
+
+def test_a_crashing_or_hanging_compile_fails_that_config_only(monkeypatch):
+    """A compiler that kills its process (a ptxas or LLVM crash) or hangs costs the config it was compiling; the
+    sweep goes on with the next config in a fresh worker."""
+    monkeypatch.setattr(sweep_module, "WORKER_COMMAND", (sys.executable, "-c", _FAKE_WORKER))
+    monkeypatch.setattr(sweep_module, "JOB_TIMEOUT_S", 2)
+    jobs = [{"variant": {"arch": "sm_90"}, "kernel": kernel, "config": {"num_warps": 4, "num_stages": index}}
+            for index, kernel in enumerate(["forward", "crash", "backward_dy", "hang", "backward_dx"])]
+    results = sweep_module.compile_jobs(jobs, workers=1)
+    assert [result["compiled"] for result in results] == [True, False, True, False, True]
+    assert results[1]["error"].startswith("compiler process died (signal 11)")
+    assert results[3]["error"] == "compile took over 2 s and was killed"
+    assert [result["kernel"] for result in results] == [job["kernel"] for job in jobs]

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--arch", required=True, choices=(*ARCHS, "all"),
                         help="target: " + ", ".join(f"{arch} ({ARCHS[arch][3]})" for arch in ARCHS) + "; all: each")
     parser.add_argument("--dtype", default="bf16", choices=_DTYPE_NAMES, help="x, W, A and B dtype (default bf16)")
+    parser.add_argument("--adapter-dtype", choices=("fp32",), default=None,
+                        help="lora_A/lora_B dtype when not --dtype's: fp32 on an fp16/bf16 model (PEFT's default)")
     parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default 16)")
     parser.add_argument("--dropout", type=_dropout, default=0.1, help="lora_dropout p (default 0.1)")
     parser.add_argument("--no-bias", action="store_true", help="the base layer has no bias")
@@ -80,8 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.tf32 and args.dtype != "fp32":
-        parser.error(f"--tf32 applies to --dtype fp32 only, got --dtype {args.dtype}")
+    if args.tf32 and args.dtype != "fp32" and args.adapter_dtype != "fp32":
+        parser.error(f"--tf32 applies to fp32 tiles (--dtype fp32 or --adapter-dtype fp32), got --dtype {args.dtype}")
+    if args.adapter_dtype and args.dtype not in ("fp16", "bf16"):
+        parser.error(f"--adapter-dtype fp32 applies to --dtype fp16 or bf16, got --dtype {args.dtype}")
     # Imported here: torch and Triton take seconds to import, and a bad option should not wait for them.
     from .compile import inspect_problem
     from .report import format_table, to_document
@@ -90,7 +94,7 @@ def main(argv=None) -> int:
     M, K, N = args.shape
     problem = dict(dtype=args.dtype, rank=args.rank, dropout=args.dropout, bias=not args.no_bias, M=M, K=K, N=N,
                    tf32=args.tf32, needs_dx="dx" in args.grads, needs_dA="dA" in args.grads,
-                   needs_dB="dB" in args.grads)
+                   needs_dB="dB" in args.grads, adapter_dtype=args.adapter_dtype)
     archs = list(ARCHS) if args.arch == "all" else [args.arch]
     runs, findings = {}, {}
     for arch in archs:
@@ -102,9 +106,10 @@ def main(argv=None) -> int:
         runs[arch] = reports
         findings[arch] = [finding for kernel in dict.fromkeys(report.kernel for report in reports)
                           for finding in launch_findings([r for r in reports if r.kernel == kernel],
-                                                         dtype=args.dtype)]
+                                                         dtype=args.dtype, adapter_dtype=args.adapter_dtype)]
     document = to_document(runs, problem=problem, findings=findings)
-    print(f"# triton {document['triton']}, torch {document['torch']}; {args.dtype} r={args.rank} "
+    adapters = " (fp32 adapters)" if args.adapter_dtype else ""
+    print(f"# triton {document['triton']}, torch {document['torch']}; {args.dtype}{adapters} r={args.rank} "
           f"dropout={args.dropout} bias={not args.no_bias} tf32={args.tf32} shape {M}x{K}->{N} "
           f"grads {','.join(args.grads)}")
     print(format_table([report for reports in runs.values() for report in reports]))

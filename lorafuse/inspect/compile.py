@@ -58,10 +58,11 @@ class KernelReport:
 # ---- the problem's launches --------------------------------------------------------------------------------
 
 def problem_launches(*, dtype, rank, dropout, bias, M, K, N, needs_dx=True, needs_dA=True, needs_dB=True,
-                     scaling=2.0):
+                     adapter_dtype=None, scaling=2.0):
     """The forward and backward launches of a FusedLoRALinear training step, built from CPU tensors of the
-    real shapes (storage is never touched). The active target decides the configs (`Launch.candidate_configs`)."""
-    from lorafuse.checks import seed_tensor
+    real shapes (storage is never touched). The active target decides the configs (`Launch.candidate_configs`).
+    adapter_dtype: lora_A/lora_B's dtype (None: x's; float32 on a float16/bfloat16 model, PEFT's default)."""
+    from lorafuse.checks import check_adapter_dtype, seed_tensor
     from lorafuse.kernels import backward_launches, forward_launches
 
     if dtype not in DTYPES.values():
@@ -71,16 +72,21 @@ def problem_launches(*, dtype, rank, dropout, bias, M, K, N, needs_dx=True, need
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    adapter_dtype = dtype if adapter_dtype is None else adapter_dtype
+    check_adapter_dtype(dtype, adapter_dtype, name="adapter_dtype")
 
     def empty(*shape, of=dtype):
         return torch.empty(shape, dtype=of)
 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    x, weight, lora_A, lora_B = empty(M, K), empty(N, K), empty(rank, K), empty(N, rank)
+    x, weight = empty(M, K), empty(N, K)
+    # xa and dxa take the adapters' dtype, as the launchers allocate them.
+    lora_A, lora_B, xa, dxa = (empty(*shape, of=adapter_dtype)
+                               for shape in ((rank, K), (N, rank), (M, rank), (M, rank)))
     seed = seed_tensor(0, "cpu")
-    launches = forward_launches(x, weight, empty(N) if bias else None, lora_A, lora_B, empty(M, N), empty(M, rank),
+    launches = forward_launches(x, weight, empty(N) if bias else None, lora_A, lora_B, empty(M, N), xa,
                                 seed, scaling=scaling, dropout_p=dropout, interpreted=False)
-    launches += backward_launches(empty(M, N), x, weight, lora_A, lora_B, empty(M, rank), empty(M, rank),
+    launches += backward_launches(empty(M, N), x, weight, lora_A, lora_B, xa, dxa,
                                   empty(M, K) if needs_dx else None, empty(rank, K, of=acc) if needs_dA else None,
                                   empty(N, rank, of=acc) if needs_dB else None, empty(1, of=acc), seed,
                                   scaling=scaling, dropout_p=dropout, interpreted=False)
@@ -228,16 +234,19 @@ def inspect_config(arch: str, launch, config, target) -> KernelReport:
 
 
 def inspect_problem(arch: str, *, dtype="bf16", rank=16, dropout=0.1, bias=True, M=8192, K=4096, N=4096,
-                    tf32=False, needs_dx=True, needs_dA=True, needs_dB=True, kernels=None) -> list:
+                    tf32=False, needs_dx=True, needs_dA=True, needs_dB=True, adapter_dtype=None, kernels=None) -> list:
     """KernelReports for every kernel and every autotune candidate of a training step on `arch`.
 
-    dtype: "fp16", "bf16", "fp32" or "fp64"; tf32 lets fp32 tiles use TF32 matrix cores (torch's
-    `allow_tf32`). kernels: launch names to keep (None: all).
+    dtype: "fp16", "bf16", "fp32" or "fp64"; adapter_dtype: lora_A/lora_B's, None for dtype's or "fp32" on an
+    fp16/bf16 model; tf32 lets fp32 tiles use TF32 matrix cores (torch's `allow_tf32`). kernels: launch names
+    to keep (None: all).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if adapter_dtype is not None and adapter_dtype not in DTYPES:
+        raise ValueError(f"adapter_dtype must be None or one of {', '.join(DTYPES)}, got {adapter_dtype!r}")
     check_toolchain(arch)
     check_not_interpreted()
     previous_tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -245,7 +254,8 @@ def inspect_problem(arch: str, *, dtype="bf16", rank=16, dropout=0.1, bias=True,
     try:
         with compiling_for(arch) as target:
             launches = problem_launches(dtype=DTYPES[dtype], rank=rank, dropout=dropout, bias=bias, M=M, K=K, N=N,
-                                        needs_dx=needs_dx, needs_dA=needs_dA, needs_dB=needs_dB)
+                                        needs_dx=needs_dx, needs_dA=needs_dA, needs_dB=needs_dB,
+                                        adapter_dtype=DTYPES[adapter_dtype] if adapter_dtype else None)
             return [inspect_config(arch, launch, config, target) for launch in launches
                     if kernels is None or launch.name in kernels for config in launch.candidate_configs()]
     finally:

@@ -6,7 +6,9 @@ For the configs the autotuner would try for one launch (one kernel, one problem,
 - at least one config compiles within the arch's shared memory (LDS on AMD), and for fp16/bf16 one that is
   also spill-free (local-memory traffic inside a GEMM's main loop costs more than the tiles gain);
 - every compiled fp16/bf16 config runs its products on the matrix cores (HMMA on Ampere, HGMMA on Hopper,
-  UTC*MMA on Blackwell, v_mfma on CDNA): a config on FMA would be ~16x slower and could still be picked.
+  UTC*MMA on Blackwell, v_mfma on CDNA): a config on FMA would be ~16x slower and could still be picked. With
+  fp32 adapters on an fp16/bf16 model the low-rank products follow torch's fp32 rule (FMA unless TF32 is
+  allowed), so there the rule holds for the kernels that run the base GEMM (forward, backward_dx) only.
 """
 
 import re
@@ -25,6 +27,8 @@ _OUT_OF_RESOURCES = re.compile(
     re.IGNORECASE)
 
 _HALF = ("fp16", "bf16")
+#: The launches whose main loop is the base GEMM (x @ W^T, dy @ W) in x's dtype, whatever the adapters' dtype.
+_BASE_GEMM_KERNELS = ("forward", "backward_dx")
 
 
 def is_out_of_resources(error: str) -> bool:
@@ -47,10 +51,10 @@ def within_shared(report) -> bool:
     return report.compiled and report.shared_bytes <= report.shared_limit
 
 
-def launch_findings(reports: list, *, dtype: str) -> list:
+def launch_findings(reports: list, *, dtype: str, adapter_dtype=None) -> list:
     """The rules broken by one launch's configs (`reports`: one KernelReport per candidate config, all for the
     same kernel, problem and arch), each as a sentence naming the kernel and, where one is to blame, the config.
-    An empty list means the launch is fine."""
+    An empty list means the launch is fine. adapter_dtype: lora_A/lora_B's dtype name (None: dtype)."""
     if not reports:
         raise ValueError("reports must hold the launch's candidate configs, got none")
     kernel = reports[0].kernel
@@ -69,7 +73,8 @@ def launch_findings(reports: list, *, dtype: str) -> list:
         least = min(fitting, key=lambda report: report.spill_bytes)
         findings.append(f"{kernel}: every config within shared memory spills (the least: {least.spill_bytes} bytes "
                         f"in [{describe_config(least.config)}])")
-    if dtype in _HALF:
+    half_products = adapter_dtype in (None, dtype) or kernel in _BASE_GEMM_KERNELS
+    if dtype in _HALF and half_products:
         for report in compiled:
             if matrix_instruction_count(report) == 0:
                 findings.append(f"{kernel} [{describe_config(report.config)}]: no matrix-core instructions")

@@ -1,8 +1,9 @@
 """Every variant the launchers can produce, compiled for every target in worker processes, checked by the rules.
 
-A variant is an arch, a dtype (fp32 with TF32 off or on), a rank, a dropout, bias or not and the gradients the
-backward computes. Many variants share compiled kernels (bias only changes the forward GEMM, the gradients only
-the backward kernels), so each distinct compile (worker.compile_key) runs once, whichever variants need it.
+A variant is an arch, a dtype (fp32 with TF32 off or on; fp16/bf16 with adapters in fp32 too), a rank, a dropout,
+bias or not and the gradients the backward computes. Many variants share compiled kernels (bias only changes
+the forward GEMM, the gradients only the backward kernels), so each distinct compile (worker.compile_key) runs
+once, whichever variants need it.
 
 Compiles run in `python -m lorafuse.inspect.worker` processes, `jobs` at a time: a compiler that aborts or
 hangs loses one config (reported as a failed compile), not the sweep, and the workers import the kernels
@@ -23,13 +24,17 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
 
 from .compile import KernelReport
 from .rules import launch_findings
 from .targets import ARCHS
+from .worker import WORKER_FAILED
 
-#: (dtype, tf32): fp32 runs on FMA unless torch allows TF32, so both are variants.
-DTYPE_VARIANTS = (("fp16", False), ("bf16", False), ("fp32", False), ("fp32", True), ("fp64", False))
+#: (dtype, adapter dtype or None for dtype's, tf32): fp32 runs on FMA unless torch allows TF32, so both are
+#: variants; fp32 adapters on an fp16/bf16 model (PEFT's default) run the low-rank products in fp32.
+DTYPE_VARIANTS = (("fp16", None, False), ("bf16", None, False), ("fp16", "fp32", False), ("bf16", "fp32", False),
+                  ("fp32", None, False), ("fp32", None, True), ("fp64", None, False))
 RANKS = (1, 16, 64, 256)
 DROPOUTS = (0.0, 0.1)
 #: Every non-empty set of gradients (a backward computes at least one).
@@ -49,6 +54,7 @@ class Variant:
     bias: bool
     grads: tuple
     tf32: bool = False
+    adapter_dtype: Optional[str] = None
     M: int = LLAMA_7B[0]
     K: int = LLAMA_7B[1]
     N: int = LLAMA_7B[2]
@@ -56,25 +62,26 @@ class Variant:
     @property
     def label(self) -> str:
         """`sm_90-bf16-r16-p0.1-bias-dx,dA,dB`: used as the pytest id."""
-        dtype = f"{self.dtype}-tf32" if self.tf32 else self.dtype
+        dtype = self.dtype + ("-fp32adapters" if self.adapter_dtype else "") + ("-tf32" if self.tf32 else "")
         return (f"{self.arch}-{dtype}-r{self.rank}-p{self.dropout:g}-{'bias' if self.bias else 'nobias'}-"
                 f"{','.join(self.grads)}")
 
 
 def all_variants() -> list:
-    """The whole space of issue 9: 4 archs x 5 dtypes x 4 ranks x 2 dropouts x bias x 7 gradient sets."""
-    return [Variant(arch, dtype, rank, dropout, bias, grads, tf32)
-            for arch in ARCHS for dtype, tf32 in DTYPE_VARIANTS for rank in RANKS for dropout in DROPOUTS
+    """The whole space: 4 archs x 7 dtype variants x 4 ranks x 2 dropouts x bias x 7 gradient sets."""
+    return [Variant(arch, dtype, rank, dropout, bias, grads, tf32, adapter_dtype)
+            for arch in ARCHS for dtype, adapter_dtype, tf32 in DTYPE_VARIANTS for rank in RANKS for dropout in DROPOUTS
             for bias in (True, False) for grads in GRAD_SETS]
 
 
 def representative_variants() -> list:
     """A subset for `make test` (about 2 minutes on 2 cores with a cold cache): ordinary LoRA training on each
-    arch (bf16 with dropout, all gradients; fp16 at r=64 without dropout; a first layer at r=1 that needs no dx),
-    and each FMA or TF32 dtype on one arch."""
+    arch (bf16 with dropout, all gradients, adapters in bf16 and in fp32; fp16 at r=64 without dropout; a first
+    layer at r=1 that needs no dx), and each FMA or TF32 dtype on one arch."""
     every = ("dx", "dA", "dB")
     return [
         Variant("sm_90", "bf16", 16, 0.1, True, every),
+        Variant("sm_90", "bf16", 16, 0.1, True, every, adapter_dtype="fp32"),
         Variant("gfx942", "bf16", 16, 0.1, True, every),
         Variant("sm_80", "fp16", 64, 0.0, True, every),
         Variant("sm_100", "bf16", 1, 0.1, False, ("dA", "dB")),
@@ -86,6 +93,10 @@ def representative_variants() -> list:
 
 # ---- worker processes --------------------------------------------------------------------------------------
 
+#: How a worker process is started.
+WORKER_COMMAND = (sys.executable, "-m", "lorafuse.inspect.worker")
+
+
 def _worker_env() -> dict:
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
@@ -95,7 +106,7 @@ def _worker_env() -> dict:
 def _run_worker(request: dict, count: int, *, on_answer) -> tuple:
     """Run one worker on `request` (expecting `count` answers); on_answer(index, answer) for each line.
     Returns (answers received, why it stopped early or None)."""
-    process = subprocess.Popen([sys.executable, "-m", "lorafuse.inspect.worker"], stdin=subprocess.PIPE,
+    process = subprocess.Popen(WORKER_COMMAND, stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_worker_env())
     stderr_tail = []
     drain = threading.Thread(target=lambda: stderr_tail.extend(process.stderr), daemon=True)
@@ -124,6 +135,8 @@ def _run_worker(request: dict, count: int, *, on_answer) -> tuple:
     if received == count and code == 0:
         return received, None
     last = next((line.strip() for line in reversed(stderr_tail) if line.strip()), "")
+    if code == WORKER_FAILED:
+        raise RuntimeError(f"a lorafuse.inspect.worker failed (not a compiler crash):\n{''.join(stderr_tail[-30:])}")
     if killed:
         return received, f"compile took over {JOB_TIMEOUT_S} s and was killed"
     how = f"signal {-code}" if code < 0 else f"exit code {code}"
@@ -208,7 +221,8 @@ def run_sweep(variants: list, *, workers=None) -> SweepResult:
     for variant, plan in zip(variants, plans):
         findings[variant] = [finding for launch in plan
                              for finding in launch_findings([by_key[c["key"]] for c in launch["configs"]],
-                                                            dtype=variant.dtype)]
+                                                            dtype=variant.dtype,
+                                                            adapter_dtype=variant.adapter_dtype)]
     return SweepResult(findings=findings, reports=by_key, compiles=len(jobs), seconds=time.perf_counter() - start)
 
 

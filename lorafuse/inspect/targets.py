@@ -66,10 +66,13 @@ def compiling_for(arch: str):
     from triton.runtime import driver
 
     target = gpu_target(arch)
-    # No real driver may exist here (no GPU): restore the slot as it was, set or not.
-    previous = driver._active
+    # No real driver may exist here (no GPU): restore the slot as it was, set or not, without reading
+    # `driver.active`, which would create the default driver. Triton >= 3.3 keeps it in `_active` (None until
+    # used); Triton 3.2 in `active` (a lazy proxy that creates the driver only when an attribute is read).
+    slot = "_active" if hasattr(driver, "_active") else "active"
+    previous = getattr(driver, slot)
     driver.set_active(StandInDriver(target, device_id=1000 + list(ARCHS).index(arch)))
     try:
         yield target
     finally:
-        driver._active = previous
+        setattr(driver, slot, previous)

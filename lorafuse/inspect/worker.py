@@ -13,8 +13,7 @@ and because the kernels must be imported without TRITON_INTERPRET, which the tes
 import json
 import os
 import sys
-
-os.environ.pop("TRITON_INTERPRET", None)  # before anything imports lorafuse.kernels: see the docstring
+import traceback
 
 
 def compile_key(arch: str, launch, config: dict) -> str:
@@ -38,8 +37,10 @@ def _launches(variant: dict):
     from .compile import DTYPES, problem_launches
 
     problem = {name: variant[name] for name in ("rank", "dropout", "bias", "M", "K", "N")}
+    adapter = variant["adapter_dtype"]
     return problem_launches(dtype=DTYPES[variant["dtype"]], **problem, needs_dx="dx" in variant["grads"],
-                            needs_dA="dA" in variant["grads"], needs_dB="dB" in variant["grads"])
+                            needs_dA="dA" in variant["grads"], needs_dB="dB" in variant["grads"],
+                            adapter_dtype=DTYPES[adapter] if adapter else None)
 
 
 def _with_target(variant: dict, work):
@@ -87,7 +88,23 @@ def compile_job(job: dict) -> dict:
     return _with_target(variant, work)
 
 
+#: The exit status of a worker whose own code failed (an uncaught Python exception), as opposed to a compiler
+#: that crashed the process (a signal): the sweep stops on it instead of blaming one config and going on.
+WORKER_FAILED = 3
+
+
 def main() -> None:
+    # Before anything imports lorafuse.kernels (see the module docstring); here, not at import time, so that
+    # importing this module (sweep.py does, for WORKER_FAILED) leaves the importer's environment alone.
+    os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        serve()
+    except Exception:
+        traceback.print_exc()
+        sys.exit(WORKER_FAILED)
+
+
+def serve() -> None:
     # Answers go to the original stdout; anything else that prints (Triton prints ptxas logs) goes to stderr.
     answers = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
