@@ -6,6 +6,7 @@ import sys
 
 import torch
 
+from ..inspect.estimate import MACHINES
 from . import environment
 from .providers import PROVIDERS
 from .report import format_table, to_json, write_json
@@ -14,6 +15,8 @@ from .shapes import PRESETS, parse_shapes
 from .steps import MODES
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Short names, accepted everywhere (lorafuse.inspect's spelling).
+_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 #: (shapes, tokens, dtype) when not given: LLM projections on a GPU; small ones in fp32 on a CPU, where
 #: the point is that the benchmark runs, not its numbers.
@@ -71,11 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: llama-7b on a GPU, small on a CPU)")
     parser.add_argument("--tokens", type=_positive_int,
                         help="M for presets: batch x sequence (default 8192 on a GPU, 512 on a CPU)")
-    parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default 16)")
+    parser.add_argument("--rank", type=_positive_int, nargs="+", metavar="R",
+                        help="LoRA rank r (default 16; several only with --static)")
     parser.add_argument("--alpha", type=_positive_float, default=32.0,
                         help="lora_alpha > 0; scaling is alpha / r (default 32)")
-    parser.add_argument("--dropout", type=_dropout, default=0.0, help="lora_dropout in [0, 1) (default 0)")
-    parser.add_argument("--dtype", choices=sorted(_DTYPES), help="default bfloat16 on a GPU, float32 on a CPU")
+    parser.add_argument("--dropout", type=_dropout, nargs="+", metavar="P",
+                        help="lora_dropout in [0, 1) (default 0, and 0.1 with --static; several only with --static)")
+    parser.add_argument("--dtype", choices=sorted(_DTYPES) + sorted(_ALIASES),
+                        help="default bfloat16 on a GPU and with --static, float32 on a CPU")
     parser.add_argument("--mode", choices=MODES, default="train",
                         help="fwd: training forward; bwd: its backward; train: both; infer: eval forward, "
                              "unmerged and merged (default train)")
@@ -90,7 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", help="write every measurement, environment and config as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of time and memory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--static", action="store_true",
+                        help="no timing: compile the training step's kernels and a plain Triton GEMM pair for --arch "
+                             "and print the time estimated from the compiled code (tensor, issue and memory terms, "
+                             "the config each kernel would use, dropout draws per element, the ratio to the plain "
+                             "GEMM pair); default shapes 8192,4096,4096 and 8192,4096,11008")
+    parser.add_argument("--arch", choices=sorted(MACHINES), default="sm_90",
+                        help="--static: the GPU to compile for (default sm_90, an H100)")
     return parser
+
+
+def _one(values, default, option, parser):
+    """The single value of an nargs="+" option outside --static."""
+    if values is None:
+        return default
+    if len(values) > 1:
+        parser.error(f"{option}: one value unless --static, got {len(values)}")
+    return values[0]
 
 
 def config_from_args(args, parser) -> Config:
@@ -103,8 +125,11 @@ def config_from_args(args, parser) -> Config:
     except (TypeError, ValueError) as exc:
         parser.error(f"--shapes: {exc}")
     providers = tuple(dict.fromkeys(args.providers))
-    return Config(shapes=tuple(parsed), providers=providers, mode=args.mode, rank=args.rank, alpha=args.alpha,
-                  dropout=args.dropout, dtype=_DTYPES[args.dtype or dtype], device=device, warmup=args.warmup,
+    dtype = _ALIASES.get(args.dtype, args.dtype) or dtype
+    return Config(shapes=tuple(parsed), providers=providers, mode=args.mode,
+                  rank=_one(args.rank, 16, "--rank", parser), alpha=args.alpha,
+                  dropout=_one(args.dropout, 0.0, "--dropout", parser), dtype=_DTYPES[dtype], device=device,
+                  warmup=args.warmup,
                   repeats=args.repeats, seed=args.seed)
 
 
@@ -121,10 +146,35 @@ def _notes(config, env) -> list:
     return notes
 
 
+def run_static_from_args(args, parser) -> int:
+    """--static: the estimate from compiled code (lorafuse.bench.static); nothing is timed."""
+    from .static import DEFAULT_SHAPES, check_compilable, run_static
+
+    for option, value in (("--device", args.device), ("--plot", args.plot)):
+        if value is not None:
+            parser.error(f"{option} does not apply to --static, which compiles for --arch and times nothing")
+    try:
+        shapes = parse_shapes(args.shapes, tokens=args.tokens or 8192) if args.shapes else list(DEFAULT_SHAPES)
+    except (TypeError, ValueError) as exc:
+        parser.error(f"--shapes: {exc}")
+    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(args.dtype, args.dtype) or "bf16"
+    if dtype not in ("bf16", "fp16"):
+        parser.error(f"--dtype {args.dtype} with --static: the estimate models tensor-core tiles, bf16 or fp16")
+    try:
+        check_compilable()
+    except RuntimeError as exc:
+        parser.error(str(exc))
+    run_static(arch=args.arch, dtype=dtype, ranks=list(dict.fromkeys(args.rank or [16])),
+               dropouts=list(dict.fromkeys(args.dropout or [0.1])), shapes=shapes, json_path=args.json)
+    return 0
+
+
 def main(argv=None) -> int:
     """Run the benchmark; 0 when every provider that could run agreed with the oracle, 1 otherwise."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.static:
+        return run_static_from_args(args, parser)
     config = config_from_args(args, parser)
     env = environment.describe(config.device)
     for note in _notes(config, env):
