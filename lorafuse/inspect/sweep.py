@@ -157,26 +157,38 @@ def plan_variants(variants: list) -> list:
     return plans
 
 
-def compile_jobs(jobs: list, *, workers: int) -> list:
+def compile_jobs(jobs: list, *, workers: int, progress=None) -> list:
     """KernelReport dicts for `jobs`, compiled by `workers` worker processes at a time. A job whose process
-    dies or hangs gets a failed report naming what happened; the jobs after it go to a fresh process."""
+    dies or hangs gets a failed report naming what happened; the jobs after it go to a fresh process.
+    progress(done, total), if given, is called after each job."""
     results = [None] * len(jobs)
+    # Chunks of at most 64 jobs: a worker's start (importing torch and Triton) is ~2 s, a cold compile ~1-3 s,
+    # and three chunks per worker keep the workers busy until the end.
     chunk = max(1, min(64, math.ceil(len(jobs) / (workers * 3))))
+    lock = threading.Lock()
+    done = [0]
+
+    def record(index, answer):
+        results[index] = answer
+        with lock:
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], len(jobs))
 
     def run_chunk(start):
         pending = list(range(start, min(start + chunk, len(jobs))))
         while pending:
             def keep(index, answer, pending=pending):
-                results[pending[index]] = answer
+                record(pending[index], answer)
 
             received, problem = _run_worker({"mode": "compile", "jobs": [jobs[i] for i in pending]}, len(pending),
                                             on_answer=keep)
             if problem is None:
                 return
             culprit = jobs[pending[received]]
-            results[pending[received]] = KernelReport(
+            record(pending[received], KernelReport(
                 arch=culprit["variant"]["arch"], kernel=culprit["kernel"], config=culprit["config"], compiled=False,
-                error=problem).to_json()
+                error=problem).to_json())
             pending = pending[received + 1:]
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
@@ -202,8 +214,9 @@ class SweepResult:
         return {variant: found for variant, found in self.findings.items() if found}
 
 
-def run_sweep(variants: list, *, workers=None) -> SweepResult:
-    """Compile every distinct (arch, kernel, config) the variants need and check each variant's launches."""
+def run_sweep(variants: list, *, workers=None, progress=None) -> SweepResult:
+    """Compile every distinct (arch, kernel, config) the variants need and check each variant's launches.
+    progress(done, total): see compile_jobs."""
     workers = workers or os.cpu_count() or 1
     start = time.perf_counter()
     plans = plan_variants(variants)
@@ -215,7 +228,7 @@ def run_sweep(variants: list, *, workers=None) -> SweepResult:
                     seen[candidate["key"]] = len(jobs)
                     jobs.append({"variant": dataclasses.asdict(variant), "kernel": launch["kernel"],
                                  "config": candidate["config"]})
-    reports = [_report_from_json(data) for data in compile_jobs(jobs, workers=workers)]
+    reports = [_report_from_json(data) for data in compile_jobs(jobs, workers=workers, progress=progress)]
     by_key = {key: reports[index] for key, index in seen.items()}
     findings = {}
     for variant, plan in zip(variants, plans):
@@ -237,7 +250,13 @@ def main(argv=None) -> int:
     if args.jobs is None or args.jobs <= 0:
         parser.error(f"--jobs must be a positive integer, got {args.jobs}")
     variants = all_variants() if args.all else representative_variants()
-    result = run_sweep(variants, workers=args.jobs)
+    start = time.perf_counter()
+
+    def progress(done, total):
+        if done % 100 == 0 or done == total:
+            print(f"compiled {done}/{total} in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    result = run_sweep(variants, workers=args.jobs, progress=progress)
     failing = result.failing()
     for variant, found in failing.items():
         print(variant.label)
