@@ -127,17 +127,22 @@ def format_table(reports: list) -> str:
 
 # ---- JSON for tools ----------------------------------------------------------------------------------------
 
-def _git_commit() -> Optional[str]:
-    """The commit of lorafuse's own checkout, None when installed elsewhere or without git."""
+def _git(*args) -> Optional[str]:
     try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=_SOURCE_ROOT, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()
-        if Path(top).resolve() != _SOURCE_ROOT:
-            return None
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=_SOURCE_ROOT, capture_output=True, text=True,
-                              timeout=10, check=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=_SOURCE_ROOT, capture_output=True, text=True, timeout=10,
+                              check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def _git_state() -> tuple:
+    """(commit, dirty) of lorafuse's own checkout; (None, None) when installed elsewhere or without git.
+    dirty: tracked files differ from the commit, so the commit only approximates the compiled code."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != _SOURCE_ROOT:
+        return None, None
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return _git("rev-parse", "HEAD"), None if status is None else bool(status)
 
 
 def versions() -> dict:
@@ -146,7 +151,8 @@ def versions() -> dict:
 
     import lorafuse
 
-    return {"lorafuse": lorafuse.__version__, "git_commit": _git_commit(), "triton": triton.__version__,
+    commit, dirty = _git_state()
+    return {"lorafuse": lorafuse.__version__, "git_commit": commit, "git_dirty": dirty, "triton": triton.__version__,
             "torch": torch.__version__}
 
 
