@@ -85,7 +85,8 @@ def _lora_backward_dx_kernel(
     threshold,  # uint8 dropout threshold of the forward
     keep_scale,  # 1 / (1 - p), the float the forward scaled by
     COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, LORA_TO_X_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -120,7 +121,7 @@ def _lora_backward_dx_kernel(
     if COMPUTE_DX:
         a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
                     mask=in_r[:, None] & in_k[None, :], other=0.0)
-        acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION)
+        acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_TO_X_PRECISION)
         if HAS_DROPOUT:
             acc = tl.where(random_bytes >= threshold, acc * keep_scale, 0.0)
         # The main loop: exactly a plain GEMM's (dy @ W).
@@ -139,7 +140,7 @@ def _lora_backward_dx_kernel(
 # ---- autotune spaces ---------------------------------------------------------------------------------------
 
 def _dy_configs():
-    shapes = [(64, 128, 3, 8), (128, 128, 3, 8), (64, 64, 4, 4), (128, 64, 4, 4), (32, 128, 3, 8),
+    shapes = [(64, 128, 3, 8), (128, 128, 3, 8), (64, 64, 3, 4), (128, 64, 4, 4), (32, 128, 3, 8),
               (32, 64, 3, 4), (16, 32, 2, 4)]
     return tuple(tuning.config(stages, warps, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, stages, warps in shapes)
 
@@ -168,12 +169,13 @@ def _prune_dy(configs, named_args, **meta):
     def accumulators(cfg):
         return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r
 
-    def operands(cfg):  # dy twice (as is and transposed), B and xa
+    def operand_bytes(cfg):  # dy twice (as is and transposed, in the adapters' dtype), B and xa
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        return 2 * bm * bn + (bn + bm) * block_r
+        return (2 * bm * bn + (bn + bm) * block_r) * adapter_size
 
-    return tuning.prune(configs, dtype=named_args["dy_ptr"].dtype, precision=meta["PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators, operands=operands)
+    # The products run in the adapters' dtype: fp32 adapters on fp16/bf16 dy are held to fp32's budgets.
+    return tuning.prune(configs, dtype=named_args["b_ptr"].dtype, precision=meta["LORA_PRECISION"],
+                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
 
 
 def _prune_dx(configs, named_args, **meta):
@@ -192,14 +194,18 @@ def _prune_dx(configs, named_args, **meta):
     def accumulators(cfg):
         # The LoRA prologue holds the fp32 tile with the x tile and the mask bytes (half as much again):
         # counted as 1.5 tiles, 128x128 tiles on 4 warps and 128x256 on 8 went over (255 registers + spills).
-        return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] * 3 // 2 + block_r * cfg.kwargs["BLOCK_K"]
-
-    def operands(cfg):  # dxa and A (dx's LoRA term), dxa^T and x (dA)
+        # With fp32 adapters, dA's product also holds x's tile in fp32 (in registers even on sm_90: with r
+        # rows it is an mma.sync, not a wgmma): 128x128 on 8 warps and 128x64 on 4 spilled without this.
         bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
-        return 2 * bm * block_r + block_r * bk + bm * bk
+        x_in_fp32 = bm * bk if adapter_size > size else 0
+        return bm * bk * 3 // 2 + block_r * bk + x_in_fp32
+
+    def operand_bytes(cfg):  # dxa and A (dx's LoRA term), dxa^T and x (dA), in the adapters' dtype
+        bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
+        return (2 * bm * block_r + block_r * bk + bm * bk) * adapter_size
 
     return tuning.prune(configs, dtype=named_args["dy_ptr"].dtype, precision=meta["PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators, operands=operands)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------
@@ -221,7 +227,8 @@ def backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused
         args=(dy, lora_B, xa, dxa, db if db is not None else unused, M, N, R,
               dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
               xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), float(scaling)),
-        meta=dict(COMPUTE_DB=db is not None, BLOCK_R=block_r, **dots),
+        meta=dict(COMPUTE_DB=db is not None, BLOCK_R=block_r,
+                  **{key: value for key, value in dots.items() if key != "LORA_TO_X_PRECISION"}),
         grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
         configs=_DY_CONFIGS, prune=_prune_dy, key=("M", "N", "BLOCK_R"), reset_to_zero=("db_ptr",),
         interpreter_config=dict(BLOCK_M=small_block(M), BLOCK_N=small_block(N)))]
@@ -235,7 +242,7 @@ def backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused
                   dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
                   threshold, 1.0 / (1.0 - dropout_p)),
             meta=dict(COMPUTE_DX=dx is not None, COMPUTE_DA=da is not None, HAS_DROPOUT=threshold > 0,
-                      BLOCK_R=block_r, **dots),
+                      BLOCK_R=block_r, **lora_dot_options(x.dtype, lora_A.dtype, interpreted, split_precision=True)),
             grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),),
             configs=_DX_CONFIGS, prune=_prune_dx, key=("M", "N", "K", "BLOCK_R"), reset_to_zero=("da_ptr",),
             interpreter_config=dict(BLOCK_M=small_block(M), BLOCK_K=small_block(K), BLOCK_N=small_block(N),

@@ -59,10 +59,28 @@ def dot_options(dtype: torch.dtype, interpreted: bool) -> dict:
             "ACC_DTYPE": tl.float64 if dtype == torch.float64 else tl.float32}
 
 
-def lora_dot_options(x_dtype: torch.dtype, adapter_dtype: torch.dtype, interpreted: bool) -> dict:
-    """dot_options for x's tiles, plus LORA_PRECISION for the products whose operands are in the adapters'
-    dtype (fp32 adapters on a half-precision model take torch's fp32 rule: "ieee" unless TF32 is allowed)."""
-    return {**dot_options(x_dtype, interpreted), "LORA_PRECISION": dot_options(adapter_dtype, interpreted)["PRECISION"]}
+def lora_dot_options(x_dtype: torch.dtype, adapter_dtype: torch.dtype, interpreted: bool, *,
+                     split_precision: bool = False) -> dict:
+    """dot_options for x's tiles, plus the precisions of the low-rank products.
+
+    LORA_PRECISION: products whose result is kept in the adapters' dtype (xa, dxa, dA, dB). With fp32
+    adapters on a half-precision model they follow torch's fp32 rule ("ieee" unless TF32 is allowed), as
+    PEFT's fp32 matmuls do. `split_precision` (the dx GEMM kernel, whose fp32 FMA product for dA spilled
+    every large tile, up to 1.4 KiB of stack on sm_90) runs them on the matrix cores in split precision
+    instead: "tf32x3" on NVIDIA (CUTLASS's 3xTF32, about 2^-22 relative; fp16 and bf16 operands are exact
+    in TF32) and "bf16x6" on AMD. The interpreter computes every precision in fp32.
+    LORA_TO_X_PRECISION: the products added into a half-precision output (s * xa @ B^T into y, dxa @ A into
+    dx): "tf32" suffices there (2^-11 relative against the output's own rounding, 2^-8 bf16 or 2^-11 fp16).
+    """
+    options = dot_options(x_dtype, interpreted)
+    if adapter_dtype == x_dtype:
+        return {**options, "LORA_PRECISION": options["PRECISION"], "LORA_TO_X_PRECISION": options["PRECISION"]}
+    precision = dot_options(adapter_dtype, interpreted)["PRECISION"]
+    if precision == "ieee" and split_precision and not interpreted:
+        import triton.runtime
+
+        precision = "bf16x6" if triton.runtime.driver.active.get_current_target().backend == "hip" else "tf32x3"
+    return {**options, "LORA_PRECISION": precision, "LORA_TO_X_PRECISION": "tf32"}
 
 
 def rank_block(r: int) -> int:

@@ -85,7 +85,7 @@ def _lora_forward_kernel(
     stride_ym, stride_yn,
     scaling,  # lora_alpha / r (or / sqrt(r) for rsLoRA)
     HAS_BIAS: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_TO_X_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
@@ -104,7 +104,7 @@ def _lora_forward_kernel(
                  mask=in_m[:, None] & in_r[None, :], other=0.0)
     b_t = tl.load(b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                   mask=in_r[:, None] & in_n[None, :], other=0.0)
-    acc = _mma(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION) * scaling
+    acc = _mma(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, LORA_TO_X_PRECISION) * scaling
 
     # The main loop: exactly a plain GEMM's.
     for k0 in range(0, K, BLOCK_K):
@@ -156,11 +156,11 @@ def _prune_forward(configs, named_args, **meta):
     def accumulators(cfg):
         return cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"]
 
-    def operands(cfg):  # the LoRA product's xa and B tiles, live with the accumulator
-        return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r
+    def operand_bytes(cfg):  # the LoRA product's xa and B tiles, live with the accumulator
+        return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r * adapter_size
 
     return tuning.prune(configs, dtype=named_args["x_ptr"].dtype, precision=meta["PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators, operands=operands)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
 
 
 def _prune_xa(configs, named_args, **meta):
@@ -176,14 +176,19 @@ def _prune_xa(configs, named_args, **meta):
     def accumulators(cfg):
         return cfg.kwargs["BLOCK_M"] * block_r
 
-    def operands(cfg):
-        return (cfg.kwargs["BLOCK_M"] + block_r) * cfg.kwargs["BLOCK_K"]
+    def operand_bytes(cfg):  # x's tile (in A's dtype) and A's
+        return (cfg.kwargs["BLOCK_M"] + block_r) * cfg.kwargs["BLOCK_K"] * adapter_size
 
-    return tuning.prune(configs, dtype=named_args["x_ptr"].dtype, precision=meta["PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators, operands=operands)
+    # The products run in the adapters' dtype: fp32 adapters on fp16/bf16 x are held to fp32's budgets.
+    return tuning.prune(configs, dtype=named_args["a_ptr"].dtype, precision=meta["LORA_PRECISION"],
+                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------
+
+def _without(options: dict, name: str) -> dict:
+    return {key: value for key, value in options.items() if key != name}
+
 
 def forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed, *, scaling, dropout_p, interpreted):
     """The two launches of the forward for these tensors (see `Launch`); nothing is run."""
@@ -196,7 +201,7 @@ def forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed, *, scaling, d
         name="forward_xa", kernel=_lora_xa_kernel,
         args=(x, lora_A, xa, seed, M, K, R, x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
               xa.stride(0), xa.stride(1), threshold, 1.0 / (1.0 - dropout_p)),
-        meta=dict(HAS_DROPOUT=threshold > 0, BLOCK_R=block_r, **dots),
+        meta=dict(HAS_DROPOUT=threshold > 0, BLOCK_R=block_r, **_without(dots, "LORA_TO_X_PRECISION")),
         grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
         configs=_XA_CONFIGS, prune=_prune_xa, key=("M", "K", "BLOCK_R"),
         interpreter_config=dict(BLOCK_M=small_block(M, 32), BLOCK_K=small_block(K)))
@@ -205,7 +210,7 @@ def forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed, *, scaling, d
         args=(x, weight, bias if bias is not None else x, xa, lora_B, y, M, N, K, R,
               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
               lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), float(scaling)),
-        meta=dict(HAS_BIAS=bias is not None, BLOCK_R=block_r, **dots),
+        meta=dict(HAS_BIAS=bias is not None, BLOCK_R=block_r, **_without(dots, "LORA_PRECISION")),
         grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
         configs=_GEMM_CONFIGS, prune=_prune_forward, key=("M", "N", "K", "BLOCK_R"),
         interpreter_config=dict(BLOCK_M=small_block(M), BLOCK_N=small_block(N), BLOCK_K=small_block(K),

@@ -53,11 +53,11 @@ def operands_in_registers(target) -> bool:
     return target.backend == "hip" or target.arch < 90
 
 
-def prune(configs, *, dtype, precision, shared_bytes, accumulators, operands=lambda cfg: 0):
+def prune(configs, *, dtype, precision, shared_bytes, accumulators, operand_bytes=lambda cfg: 0):
     """The configs of `configs` that fit the active target.
 
     shared_bytes(config) -> estimated shared memory; accumulators(config) -> fp32 accumulator elements the
-    program holds at once; operands(config) -> elements of MMA operand tiles held at the same time, counted
+    program holds at once; operand_bytes(config) -> bytes of MMA operand tiles held at the same time, counted
     where the target keeps operands in registers. When none fits, the one with the least shared memory is
     kept, so that a launch still has a config and the compiler, not the pruning, says what is wrong.
     """
@@ -65,11 +65,11 @@ def prune(configs, *, dtype, precision, shared_bytes, accumulators, operands=lam
     limit = shared_memory_limit(target)
     budget = _TENSOR_CORE_ACC_REGS if uses_tensor_cores(dtype, precision) else _FMA_ACC_REGS
     register_scale = 2 if dtype == torch.float64 else 1  # an fp64 value takes two registers
-    operand_scale = element_size(dtype) / 4 if operands_in_registers(target) else 0.0
+    operand_scale = 0.25 if operands_in_registers(target) else 0.0  # 4 bytes a register
 
     def fits(cfg):
         threads = cfg.num_warps * warp_size(target)
-        registers = (accumulators(cfg) * register_scale + operands(cfg) * operand_scale) / threads
+        registers = (accumulators(cfg) * register_scale + operand_bytes(cfg) * operand_scale) / threads
         return shared_bytes(cfg) <= limit and registers <= budget
 
     kept = [cfg for cfg in configs if fits(cfg)]
