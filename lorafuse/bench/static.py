@@ -92,13 +92,17 @@ def estimate_problem(arch: str, *, dtype: str, rank: int, dropout: float, shape:
 
 
 def _loop_side(estimate) -> dict:
-    return {"config": estimate.config, "instructions": estimate.loop["instructions"],
-            "non_matrix": estimate.loop["non_matrix"], "matrix": estimate.loop["matrix"],
-            "by_class": estimate.loop["by_class"]}
+    """A main loop per TTGIR iteration (one BLOCK_K step): a SASS body that ptxas unrolled u times is divided by u."""
+    unroll = estimate.loop["unroll"]
+    return {"config": estimate.config, "unroll": unroll, "instructions": estimate.loop["instructions"] / unroll,
+            "non_matrix": estimate.loop["non_matrix"] / unroll,
+            "matrix": {op: n / unroll for op, n in estimate.loop["matrix"].items()},
+            "by_class": {name: n / unroll for name, n in estimate.loop["by_class"].items()}}
 
 
 def compare_loops(candidates: dict) -> list:
-    """The LoRA GEMMs' main loops beside the plain GEMM's at the same tiles, every config both compiled."""
+    """The LoRA GEMMs' main loops beside the plain GEMM's at the same tiles, every config both compiled, per
+    BLOCK_K step."""
     rows = []
     for lora, plain, _ in GEMM_PAIRS:
         plain_by_tiles = {_tiles(plain, e.config): e for e in candidates.get(plain, []) if e.loop}
@@ -106,10 +110,10 @@ def compare_loops(candidates: dict) -> list:
             other = plain_by_tiles.get(_tiles(lora, estimate.config))
             if estimate.loop is None or other is None:
                 continue
+            ours, theirs = _loop_side(estimate), _loop_side(other)
             rows.append({"kernel": lora, "plain": plain, "fits": estimate.fits and other.fits,
-                         "lora": _loop_side(estimate), "plain_loop": _loop_side(other),
-                         "same_matrix": estimate.loop["matrix"] == other.loop["matrix"],
-                         "non_matrix_ratio": estimate.loop["non_matrix"] / other.loop["non_matrix"]})
+                         "lora": ours, "plain_loop": theirs, "same_matrix": ours["matrix"] == theirs["matrix"],
+                         "non_matrix_ratio": ours["non_matrix"] / theirs["non_matrix"]})
     return rows
 
 
@@ -209,11 +213,12 @@ def format_problem(summary: dict) -> str:
         if row["lora"]["config"] != summary["chosen"].get(row["kernel"], {}).get("config"):
             continue
         lora, plain = row["lora"], row["plain_loop"]
+        same = "the same" if row["same_matrix"] else "DIFFERENT"
         lines.append(f"  main loop {row['kernel']} vs {row['plain']} at {_config_text(lora['config'])}: "
-                     f"{lora['instructions']} vs {plain['instructions']} warp instructions per iteration, non-matrix "
-                     f"{lora['non_matrix']} vs {plain['non_matrix']} ({(row['non_matrix_ratio'] - 1) * 100:+.1f}%), "
-                     f"matrix {'the same' if row['same_matrix'] else 'DIFFERENT'} "
-                     f"({', '.join(f'{n} {op}' for op, n in lora['matrix'].items())})")
+                     f"{lora['instructions']:g} vs {plain['instructions']:g} warp instructions per step, non-matrix "
+                     f"{lora['non_matrix']:g} vs {plain['non_matrix']:g} "
+                     f"({(row['non_matrix_ratio'] - 1) * 100:+.1f}%), matrix {same} "
+                     f"({', '.join(f'{n:g} {op}' for op, n in lora['matrix'].items())})")
     return "\n".join(lines)
 
 
