@@ -124,15 +124,19 @@ def _lora_backward_dx_kernel(
         acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_TO_X_PRECISION)
         if HAS_DROPOUT:
             acc = tl.where(random_bytes >= threshold, acc * keep_scale, 0.0)
-        # The main loop: exactly a plain GEMM's (dy @ W).
+        # The main loop: a plain Triton GEMM's (dy @ W), wrapped rows and columns and advancing pointers as in
+        # the forward (kernels/forward.py says why).
+        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
+        dy_ptrs = dy_ptr + (offs_m % M)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
+        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
+        dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
+        w_step = BLOCK_N * tl.cast(stride_wn, tl.int64)
         for n0 in range(0, N, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N).to(tl.int64)
-            in_n = offs_n < N
-            dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
-                         mask=in_m[:, None] & in_n[None, :], other=0.0)
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=in_n[:, None] & in_k[None, :], other=0.0)
+            dy = tl.load(dy_ptrs, mask=offs_n[None, :] < N - n0, other=0.0)
+            w = tl.load(w_ptrs, mask=offs_n[:, None] < N - n0, other=0.0)
             acc = _mma(dy, w, acc, UPCAST, PRECISION)
+            dy_ptrs += dy_step
+            w_ptrs += w_step
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
 

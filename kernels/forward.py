@@ -106,15 +106,21 @@ def _lora_forward_kernel(
                   mask=in_r[:, None] & in_n[None, :], other=0.0)
     acc = _mma(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, LORA_TO_X_PRECISION) * scaling
 
-    # The main loop: exactly a plain GEMM's.
+    # The main loop: a plain Triton GEMM's. Rows and columns wrap (the tutorial's `% M`) so only the ragged
+    # last K step needs a mask, and the pointers (int64 offsets, computed once) advance by BLOCK_K: recomputing
+    # masked int64 offsets every step cost 8% more non-matrix instructions than the plain GEMM on sm_90.
+    # (tl.cast, not .to: a unit stride arrives as the constant 1, specialised, with no .to.)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + (offs_n % N)[None, :] * stride_wn
+    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
+    w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-        in_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)
-        w_t = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :] * stride_wn,
-                      mask=in_k[:, None] & in_n[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
+        w_t = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
         acc = _mma(x, w_t, acc, UPCAST, PRECISION)
+        x_ptrs += x_step
+        w_ptrs += w_step
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
