@@ -18,8 +18,8 @@ For one kernel in one config, compiled for a target without a GPU (compile.py):
   an H100); atomics are taken to resolve in L2 and are reported apart (`atomic_bytes`), not timed;
 - tail: the busiest SM runs ceil(programs / SMs) programs, so the tensor and issue terms are multiplied by
   ceil(programs / SMs) * SMs / programs (a last partial wave). Memory bandwidth is shared, so not that term;
-- the kernel's estimate is the largest of the three terms (no overlap is lost, none is gained across kernels,
-  launches do not overlap, launch latency is not counted).
+- the kernel's estimate is the largest of the three terms: within a kernel they overlap perfectly; kernels
+  run one after another and launch latency is not counted.
 
 The config chosen for a kernel is the one with the smallest estimate among those that fit (compiled,
 spill-free, within shared memory; near-ties go to the smallest sum of terms, see `choose`): it plays the
@@ -28,6 +28,7 @@ autotuner's role, it does not predict the autotuner's pick.
 
 import dataclasses
 import math
+import re
 from typing import Optional
 
 from . import sass_loops, ttgir_scan
@@ -180,7 +181,7 @@ def _pointer_bytes(launch, ttgir: str) -> tuple:
     read = written = 0
     seen = set()
     for name, value in launch.named_args().items():
-        if not hasattr(value, "data_ptr") or f"%{name}" not in body:
+        if not hasattr(value, "data_ptr") or re.search(rf"%{name}\b", body) is None:
             continue
         key = (value.data_ptr(), value.numel())
         if key in seen:

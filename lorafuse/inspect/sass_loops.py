@@ -31,11 +31,11 @@ _CLASSES = (
     ("local", re.compile(r"^(LDL|STL)")),
     ("constant", re.compile(r"^(LDC|ULDC)")),
     ("control", re.compile(r"^(BRA|BRX|JMP|CALL|RET|EXIT|BAR|DEPBAR|MEMBAR|FENCE|NOP|WARPSYNC|BSSY|BSYNC|YIELD|"
-                           r"ELECT|VOTE|ACQBULK|ERRBAR|CCTL|NANOSLEEP|BPT|UCGABAR|ARRIVES)")),
+                           r"ELECT|VOTE|ACQBULK|ERRBAR|NANOSLEEP|BPT|UCGABAR|ARRIVES)")),
     ("uniform", re.compile(r"^U[A-Z]")),
     ("float", re.compile(r"^(F[A-Z]|H[A-Z]|D[A-Z]|MUFU|I2F|F2I|F2F|I2FP|F2FP|RRO)")),
     ("integer", re.compile(r"^(I[A-Z]|LOP|SHF|SHL|SHR|SEL|LEA|MOV|PRMT|POPC|FLO|BREV|BMSK|VIADD|VIMNMX|VABSDIFF|"
-                           r"ISETP|PLOP3|P2R|R2P|S2R|S2UR|CS2R|R2UR|SGXT|BFE|BFI|CLZ|MOV|SHFL|REDUX|CREDUX)")),
+                           r"ISETP|PLOP3|P2R|R2P|S2R|S2UR|CS2R|R2UR|SGXT|BFE|BFI|CLZ|SHFL|REDUX|CREDUX)")),
 )
 
 
