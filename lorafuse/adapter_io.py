@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from .config import LoRAConfig
 from .layer import lora_scaling
+from .messages import listing
 from .targeting import extra_trainable_parameters, find_modules_to_save, lora_layers, pattern_value
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -80,12 +81,6 @@ def lora_state_dict(model: nn.Module, *, config: Optional[LoRAConfig] = None) ->
     return {_file_key(name, lora_paths): p.detach() for name, p in _saved_parameters(model, config).items()}
 
 
-def _listing(keys) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:12])
-    return shown + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
-
-
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, strict: bool = True,
                          config: Optional[LoRAConfig] = None) -> LoadResult:
@@ -110,9 +105,9 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     if strict and (missing or unexpected):
         problems = []
         if missing:
-            problems.append(f"missing keys: {_listing(missing)}")
+            problems.append(f"missing keys: {listing(sorted(missing))}")
         if unexpected:
-            problems.append(f"unexpected keys: {_listing(unexpected)}")
+            problems.append(f"unexpected keys: {listing(sorted(unexpected))}")
         raise ValueError(f"adapter state dict does not fit the model ({len(expected)} adapter tensors): "
                          + "; ".join(problems))
     mismatched = [f"{key}: file {tuple(value.shape)}, model {tuple(expected[name].shape)}"
@@ -120,7 +115,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
                   if name in expected and value.shape != expected[name].shape]
     if mismatched:
         raise ValueError("adapter shapes do not match the model (a different r or base model?): "
-                         + "; ".join(mismatched))
+                         + listing(mismatched, separator="; "))
     check_not_on_meta({name: expected[name] for name in incoming if name in expected})
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     for layer in merged:
@@ -240,9 +235,9 @@ def check_not_on_meta(targets: Dict[str, torch.Tensor]) -> None:
     """A copy into a meta tensor succeeds and stores nothing: refuse to load into one, naming it."""
     on_meta = [name for name, tensor in targets.items() if tensor.is_meta]
     if on_meta:
-        raise ValueError(f"{_listing(on_meta)} {'is' if len(on_meta) == 1 else 'are'} on the meta device (the model "
-                         "was built without memory), so loading would store nothing: materialize the model first, "
-                         "e.g. model.to_empty(device=...), then load the adapter")
+        raise ValueError(f"{listing(sorted(on_meta))} {'is' if len(on_meta) == 1 else 'are'} on the meta device (the "
+                         "model was built without memory), so loading would store nothing: materialize the model "
+                         "first, e.g. model.to_empty(device=...), then load the adapter")
 
 
 def _read_weights_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], str]:
@@ -355,8 +350,7 @@ def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str
                          f"use_rslora={layer.use_rslora})")
     if wrong:
         raise ValueError(f"{source} was trained with another scaling; build the model from the adapter's own "
-                         f"config (LoRAModel.from_pretrained) instead: {'; '.join(wrong[:8])}"
-                         + (f"; ... ({len(wrong) - 8} more)" if len(wrong) > 8 else ""))
+                         f"config (LoRAModel.from_pretrained) instead: {listing(wrong, separator='; ')}")
 
 
 def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:

@@ -11,6 +11,7 @@ import torch.nn as nn
 from . import adapter_io
 from .config import LoRAConfig
 from .layer import FusedLoRALinear
+from .messages import listing
 from .summary import LoRASummary, summarize
 from .targeting import (
     extra_trainable_parameters,
@@ -54,7 +55,7 @@ def _warn_hooks(model: nn.Module, targets: List[str]) -> None:
         if any(hooks) or "forward" in vars(module):
             hooked.append(repr(path))
     if hooked:
-        warnings.warn(f"{', '.join(hooked)} have hooks (forward, forward pre or backward) or a replaced forward, "
+        warnings.warn(f"{listing(hooked)} have hooks (forward, forward pre or backward) or a replaced forward, "
                       "which will not run: the FusedLoRALinear that replaces each is a new module. Register them "
                       "on the new layers after apply_lora", stacklevel=3)
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .config import ALL_LINEAR, LoRAConfig
 from .layer import FusedLoRALinear
+from .messages import listing
 
 #: Default targets per architecture family: its attention projections, recognised by the layer names a
 #: model has. A family is chosen only when every one of its names matches a linear layer (a model with
@@ -157,7 +158,7 @@ def describe_default_targets() -> str:
 
 def _describe(names: Iterable[str]) -> str:
     names = sorted(set(names))
-    return "[" + ", ".join(names) + "]" if names else "(the model has no nn.Linear or Conv1D layers)"
+    return "[" + listing(names) + "]" if names else "(the model has no nn.Linear or Conv1D layers)"
 
 
 def _in_layers(config: LoRAConfig, path: str) -> bool:
@@ -211,15 +212,15 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
         selected.append(path)
     if skipped:
         warnings.warn(f"{ALL_LINEAR} skipped {len(skipped)} linear layers that are not exactly nn.Linear or "
-                      f"transformers' Conv1D with a float16/bfloat16/float32/float64 weight: {', '.join(skipped)}",
+                      f"transformers' Conv1D with a float16/bfloat16/float32/float64 weight: {listing(skipped)}",
                       stacklevel=3)
     if not selected:
         raise ValueError(f"target_modules={_show(config.target_modules)} matched no adaptable module "
                          f"(after exclude_modules, layers_to_transform and modules_to_save); the model's "
                          f"linear layer names are {_describe(n.rpartition('.')[2] for n in adaptable_names(model))}")
     if unmatched:
-        warnings.warn(f"target_modules entries {sorted(unmatched)} match no module of {type(model).__name__}",
-                      stacklevel=3)
+        warnings.warn(f"target_modules entries [{listing(map(repr, sorted(unmatched)))}] match no module of "
+                      f"{type(model).__name__}", stacklevel=3)
     return selected
 
 
@@ -239,14 +240,15 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig, *, warn: bool = F
             unmatched.append(name)
         found.extend(paths)
     top_level = _describe(n for n, _ in model.named_children())
+    unmatched_names = "[" + listing(map(repr, unmatched)) + "]"
     if unmatched and not config.from_adapter_file:
         raise ValueError(f"modules_to_save entry {unmatched[0]!r} matches no module of {type(model).__name__}; "
                          f"its top-level modules are {top_level}")
     if unmatched and not found:
-        raise ValueError(f"none of the adapter file's modules_to_save entries {unmatched} matches a module of "
-                         f"{type(model).__name__}; its top-level modules are {top_level}")
+        raise ValueError(f"none of the adapter file's modules_to_save entries {unmatched_names} matches "
+                         f"a module of {type(model).__name__}; its top-level modules are {top_level}")
     if unmatched and warn:
-        warnings.warn(f"modules_to_save entries {unmatched} of the adapter file match no module of "
+        warnings.warn(f"modules_to_save entries {unmatched_names} of the adapter file match no module of "
                       f"{type(model).__name__} and are ignored, as PEFT ignores them (a sequence-classification "
                       "adapter names both 'classifier' and 'score')", stacklevel=3)
     # Drop modules nested in another selected one: their parameters are already covered.

@@ -323,3 +323,23 @@ def test_the_distributed_saver_and_loader_share_the_config_hash(tmp_path):
     other_config = LoRAConfig(r=4, target_modules=["q_proj", "k_proj"])
     with pytest.raises(ValueError, match="do not belong together"):
         distributed.load_adapter(get_lora_model(tiny_llama(), other_config), tmp_path, config=other_config)
+
+
+def test_lists_in_messages_are_capped_alike():
+    from lorafuse.messages import SHOWN, listing
+
+    assert listing([]) == "none"
+    assert listing(["a", "b"]) == "a, b"
+    assert listing(range(SHOWN + 5), separator="; ") == "; ".join(map(str, range(SHOWN))) + "; ... (5 more)"
+
+
+def test_a_file_naming_many_missing_modules_gets_a_capped_message():
+    from lorafuse.adapter_io import config_from_adapter_dict
+
+    # A hostile (or broken) file can hold any number of names; the message names twelve and counts the rest.
+    config = config_from_adapter_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"],
+                                       "modules_to_save": [f"head_{i}" for i in range(1000)]})
+    with pytest.raises(ValueError, match=r"modules_to_save entries \['head_0', .*'head_11', \.\.\. \(988 more\)\] "
+                                         r"matches a module") as error:
+        get_lora_model(tiny_llama(), config)
+    assert len(str(error.value)) < 600

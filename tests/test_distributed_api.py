@@ -80,7 +80,7 @@ def test_state_dict_round_trip_and_errors_on_an_unsharded_model():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
     key = next(iter(state))
-    with pytest.raises(KeyError, match=f"missing \\[{key}"):
+    with pytest.raises(KeyError, match=f"missing keys: {key}; unexpected keys: none"):
         distribute_lora_state_dict(target, {k: v for k, v in state.items() if k != key})
     result = distribute_lora_state_dict(target, {k: v for k, v in state.items() if k != key}, strict=False)
     assert result.missing_keys == [key]
@@ -101,3 +101,10 @@ def test_loading_into_a_meta_model_is_refused():
     meta_model = build().to("meta")
     with pytest.raises(ValueError, match="on the meta device"):
         distribute_lora_state_dict(meta_model, state)
+
+
+def test_missing_keys_are_listed_as_the_single_device_loader_lists_them():
+    state = gather_lora_state_dict(build())
+    kept = dict(list(state.items())[:2])
+    with pytest.raises(KeyError, match=r"missing keys: .*, \.\.\. \(14 more\); unexpected keys: none"):
+        distribute_lora_state_dict(build(seed=99), kept)

@@ -32,6 +32,7 @@ split that leaves a rank no input feature is refused (the kernel takes no empty 
 
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from ..messages import listing
 from .collectives import all_reduce_in_backward
 
 #: Placements (W, A, B, bias) per layout, each on a 1-D tensor-parallel mesh.
@@ -61,8 +62,8 @@ def check_row_split(layer: str, in_features: int, world: int) -> None:
     empty = [rank for rank in range(world) if shard_size(in_features, world, rank) == 0]
     if empty:
         raise ValueError(f"row-parallel {layer} cannot split in_features={in_features} over {world} tensor-parallel "
-                         f"ranks: DTensor gives {-(-in_features // world)} per rank and leaves rank(s) {empty} none; "
-                         f"use fewer ranks or column-parallel for this layer")
+                         f"ranks: DTensor gives {-(-in_features // world)} per rank and leaves rank(s) "
+                         f"[{listing(empty)}] none; use fewer ranks or column-parallel for this layer")
 
 
 def contiguous_strides(shape) -> tuple:
