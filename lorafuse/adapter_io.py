@@ -21,6 +21,7 @@ import torch.nn as nn
 from .config import LoRAConfig
 from .layer import lora_scaling
 from .messages import listing
+from .peft_fields import check_peft_fields
 from .targeting import extra_trainable_parameters, find_modules_to_save, lora_layers, pattern_value
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,11 +30,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 #: Metadata key of a weights file lorafuse writes: the sha256 of the adapter_config.json written with it.
 CONFIG_SHA256_KEY = "lorafuse_config_sha256"
-
-#: PEFT options that change what an adapter computes and that lorafuse does not implement: loading an
-#: adapter that uses one would silently give other outputs, so it is refused.
-_UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "layer_replication", "use_qalora",
-                "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config")
 
 
 class LoadResult(NamedTuple):
@@ -172,9 +168,7 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
     if data.get("peft_type") != "LORA":
         raise ValueError(f"{source} has peft_type={data.get('peft_type')!r}; lorafuse loads LoRA adapters "
                          "(peft_type 'LORA') only")
-    used = [name for name in _UNSUPPORTED if data.get(name)]
-    if used:
-        raise ValueError(f"{source} uses {', '.join(used)}, which lorafuse does not implement")
+    check_peft_fields(data, source=source)
     if "r" not in data:
         raise ValueError(f"{source} has no 'r'")
     # PEFT treats an empty list as "no layer restriction"; 0 alone is block 0, so test for [] explicitly.

@@ -166,7 +166,7 @@ def test_corrupt_weights_are_rejected(tmp_path, damage):
     ("{not json", "adapter_config.json is not valid JSON"),
     ("[1, 2]", "must hold a JSON object, got list"),
     (json.dumps({"peft_type": "PREFIX_TUNING", "r": 4}), "peft_type='PREFIX_TUNING'; lorafuse loads LoRA adapters"),
-    (json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}), "uses use_dora, which lorafuse does not implement"),
+    (json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}), "uses PEFT options .*: use_dora=True"),
     (json.dumps({"peft_type": "LORA"}), "has no 'r'"),
     (json.dumps({"peft_type": "LORA", "r": 0}), "adapter_config.json: r must be a positive int, got 0"),
     (json.dumps({"peft_type": "LORA", "r": 4, "bias": "some"}), "bias must be one of"),
