@@ -187,6 +187,7 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
         raise ValueError(f"{source}: {err}") from None
     # modules_to_save names the model lacks are dropped, as PEFT does (LoRAConfig.from_adapter_file).
     config.from_adapter_file = True
+    config.source = source
     return config
 
 
@@ -335,8 +336,9 @@ def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str
     without error and give other outputs."""
     wrong = []
     for path, layer in lora_layers(model):
-        r = pattern_value(file_config.rank_pattern, path, file_config.r)
-        alpha = pattern_value(file_config.alpha_pattern, path, file_config.lora_alpha)
+        r = pattern_value(file_config.rank_pattern, path, file_config.r, source=source)
+        alpha = pattern_value(file_config.alpha_pattern, path, file_config.lora_alpha, field="alpha_pattern",
+                              source=source)
         scaling = lora_scaling(r, alpha, file_config.use_rslora)
         if r == layer.r and abs(scaling - layer.scaling) > 1e-6 * abs(layer.scaling):
             wrong.append(f"{path}: adapter scaling {scaling:g} (lora_alpha={alpha:g}, use_rslora="

@@ -1,23 +1,16 @@
 """`LoRAConfig`: which layers of a model get an adapter, with which rank and scaling, and what else trains."""
 
 import dataclasses
-import re
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 from .checks import check_dropout, check_positive_int, check_positive_number
+from .patterns import check_pattern
 
 #: `target_modules` shorthand for every linear layer except the output head (the name PEFT uses).
 ALL_LINEAR = "all-linear"
 
 #: Allowed values of `bias`: which biases train (and are saved with the adapter).
 BIAS_MODES = ("none", "all", "lora_only")
-
-
-def _check_regex(field: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{field} {pattern!r} is not a valid regular expression: {err}") from None
 
 
 def _names(field: str, value, *, allow_regex: bool) -> Union[None, str, Tuple[str, ...]]:
@@ -30,7 +23,7 @@ def _names(field: str, value, *, allow_regex: bool) -> Union[None, str, Tuple[st
         if not value:
             raise ValueError(f"{field} must not be an empty string")
         if value.lower() != ALL_LINEAR:
-            _check_regex(field, value)
+            check_pattern(value, field=field)
         return value
     if not isinstance(value, (list, tuple, set, frozenset)):
         raise ValueError(f"{field} must be a list of module names{' or a regex string' if allow_regex else ''}, "
@@ -69,7 +62,7 @@ def _pattern(field: str, value, *, integer: bool) -> Dict[str, Union[int, float]
     for key, item in value.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"{field} keys must be non-empty strings, got {key!r}")
-        _check_regex(f"{field} key", key)
+        check_pattern(key, field=f"{field} key")
         checked[key] = _positive_number(f"{field}[{key!r}]", item, integer=integer)
     return checked
 
@@ -103,8 +96,10 @@ class LoRAConfig:
     a warning and raises only when none matches; a config built by hand raises for any of them.
     """
 
-    #: Where the config came from, not what it does: not a field, so not in to_dict() or ==.
+    #: Where the config came from, not what it does: not fields, so not in to_dict() or ==.
     from_adapter_file = False
+    #: The adapter_config.json it was read from, named in messages about its patterns and targets.
+    source = None
 
     r: int = 8
     lora_alpha: float = 16.0
@@ -156,6 +151,7 @@ class LoRAConfig:
         """A copy with `changes` applied (and validated); it keeps from_adapter_file."""
         copy = LoRAConfig(**{**self.to_dict(), **changes})
         copy.from_adapter_file = self.from_adapter_file
+        copy.source = self.source
         return copy
 
     def to_dict(self) -> dict:

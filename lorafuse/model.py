@@ -83,8 +83,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for path in targets:
         module = model.get_submodule(path)
         options = {
-            "r": pattern_value(config.rank_pattern, path, config.r),
-            "lora_alpha": pattern_value(config.alpha_pattern, path, config.lora_alpha),
+            "r": pattern_value(config.rank_pattern, path, config.r, source=config.source),
+            "lora_alpha": pattern_value(config.alpha_pattern, path, config.lora_alpha, field="alpha_pattern",
+                                        source=config.source),
             "lora_dropout": config.lora_dropout,
             "use_rslora": config.use_rslora,
         }
