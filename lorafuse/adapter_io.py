@@ -57,7 +57,7 @@ def _file_key(name: str, lora_paths: set) -> str:
     return PEFT_PREFIX + name
 
 
-def _model_key(key: str) -> str:
+def model_key(key: str) -> str:
     """The model parameter path a file key names (the inverse of _file_key, prefix optional)."""
     if key.startswith(PEFT_PREFIX):
         key = key[len(PEFT_PREFIX):]
@@ -91,7 +91,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     expected = _saved_parameters(model, config)
     incoming = {}
     for key, value in state_dict.items():
-        name = _model_key(key)
+        name = model_key(key)
         if name in incoming:
             raise ValueError(f"state_dict has two keys for {name!r}: {incoming[name][0]!r} and {key!r}")
         incoming[name] = (key, value)
@@ -357,5 +357,16 @@ def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     is absent.
     """
     file_config, state_dict = read_adapter(path)
-    check_adapter_scaling(model, file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
-    load_lora_state_dict(model, state_dict, strict=True, config=config)
+    load_adapter_state(model, file_config, state_dict, config=config)
+
+
+def load_adapter_state(model: nn.Module, file_config: LoRAConfig, state_dict: Dict[str, torch.Tensor], *,
+                       config: LoRAConfig) -> None:
+    """What load_adapter does once `read_adapter` has given the file's config and tensors; errors about the
+    tensors name the weights file."""
+    check_adapter_scaling(model, file_config, file_config.source)
+    try:
+        load_lora_state_dict(model, state_dict, strict=True, config=config)
+    except ValueError as err:
+        weights_file = os.path.join(os.path.dirname(file_config.source), ADAPTER_WEIGHTS)
+        raise ValueError(f"{weights_file}: {err}") from None

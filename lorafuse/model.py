@@ -2,6 +2,7 @@
 result with merging, adapter files, a summary and a base-model-only mode."""
 
 import contextlib
+import os
 import warnings
 from typing import Iterator, List
 
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 
 from . import adapter_io
+from .adapter_fit import check_adapter_fits
 from .config import LoRAConfig
 from .layer import FusedLoRALinear
 from .messages import listing
@@ -160,9 +162,17 @@ class LoRAModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, path, *, is_trainable: bool = False) -> "LoRAModel":
         """Apply the adapter saved in directory `path` (by lorafuse or PEFT) to `model`, with its own config.
         Unless `is_trainable`, the model is put in eval mode (dropout off) and the adapter's parameters are
-        frozen, as PEFT does for inference."""
-        lora_model = cls(model, adapter_io.read_adapter_config(path))
-        lora_model.load_adapter(path)
+        frozen, as PEFT does for inference.
+
+        The file's tensors are checked against the shapes its config gives (r, rank_pattern, each layer's
+        features) before any layer is built, so a config that disagrees with them fails at once, naming
+        the file, the key and both shapes."""
+        _check_model(model)
+        file_config, state_dict = adapter_io.read_adapter(path)
+        check_adapter_fits(model, file_config, state_dict,
+                           source=os.path.join(os.fspath(path), adapter_io.ADAPTER_WEIGHTS))
+        lora_model = cls(model, file_config)
+        adapter_io.load_adapter_state(lora_model.base_model, file_config, state_dict, config=file_config)
         if not is_trainable:
             lora_model.eval()
             for param in lora_model.trainable_parameters():

@@ -12,6 +12,7 @@ import torch
 from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 
 from lorafuse import (
+    FusedLoRALinear,
     LoRAConfig,
     LoRAModel,
     adapter_io,
@@ -343,3 +344,41 @@ def test_a_file_naming_many_missing_modules_gets_a_capped_message():
                                          r"matches a module") as error:
         get_lora_model(tiny_llama(), config)
     assert len(str(error.value)) < 600
+
+
+def _write_with_config(directory, lora_model, **changes):
+    """lora_model's tensors beside an adapter_config.json with `changes` (the pair's hash recorded as usual)."""
+    from lorafuse.adapter_io import adapter_config_dict, write_adapter_files
+
+    config_dict = adapter_config_dict(lora_model.base_model, lora_model.lora_config)
+    write_adapter_files(directory, lora_state_dict(lora_model.base_model), {**config_dict, **changes})
+
+
+def _no_layer_may_be_built(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a FusedLoRALinear was built before the file's shapes were checked")
+
+    monkeypatch.setattr(FusedLoRALinear, "_init_lora", refuse)
+
+
+def test_a_config_whose_r_disagrees_with_its_tensors_fails_before_any_layer_is_built(tmp_path, monkeypatch):
+    _write_with_config(tmp_path, _adapted(), r=10**8)  # the tensors have r=4
+    _no_layer_may_be_built(monkeypatch)
+    with pytest.raises(ValueError, match=rf"{ADAPTER_WEIGHTS} does not fit LlamaForCausalLM .*before building any "
+                                         r"layer\): .*base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A"
+                                         r"\.weight: expected \(100000000, 32\), file has \(4, 32\); "):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_rank_pattern_and_missing_tensors_are_checked_before_any_layer_is_built(tmp_path, monkeypatch):
+    _write_with_config(tmp_path / "pattern", _adapted(), rank_pattern={"v_proj": 2})
+    source = _adapted(config=LoRAConfig(r=4, target_modules=["q_proj"]))
+    _write_with_config(tmp_path / "missing", source, target_modules=["q_proj", "k_proj"])
+    _no_layer_may_be_built(monkeypatch)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.v_proj\.lora_A\.weight: expected \(2, 32\), file "
+                                         r"has \(4, 32\); .*v_proj\.lora_B\.weight: expected \(16, 2\), file has "
+                                         r"\(16, 4\)"):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path / "pattern")
+    with pytest.raises(ValueError, match=r"missing keys: base_model\.model\.model\.layers\.0\.self_attn\.k_proj"
+                                         r"\.lora_A\.weight, "):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path / "missing")
