@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import secrets
+import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import safetensors
@@ -132,6 +133,23 @@ def _base_model_name(model: nn.Module) -> Optional[str]:
     return None
 
 
+def _same_base_model(recorded: str, actual: str) -> bool:
+    """Whether two names of a base model agree: equal, or one a path ending in the other (a local copy of a
+    hub model: "/models/org/model-a" and "org/model-a")."""
+    recorded, actual = (name.replace("\\", "/").rstrip("/") for name in (recorded, actual))
+    return recorded == actual or recorded.endswith("/" + actual) or actual.endswith("/" + recorded)
+
+
+def warn_if_other_base_model(model: nn.Module, file_config: LoRAConfig) -> None:
+    """Warn when the adapter file records a base model (base_model_name_or_path) and `model` names another:
+    the tensors load, but an adapter only means something on the weights it was trained on."""
+    recorded, actual = file_config.base_model_name_or_path, _base_model_name(model)
+    if recorded and actual and not _same_base_model(recorded, actual):
+        warnings.warn(f"{file_config.source} records base model {recorded!r}, but the model it is loaded into is "
+                      f"{actual!r}: an adapter trained on other base weights gives meaningless outputs",
+                      stacklevel=3)
+
+
 def adapter_config_dict(model: nn.Module, config: LoRAConfig) -> dict:
     """The adapter_config.json content for `model` adapted by `config`, with the fields PEFT reads.
 
@@ -188,6 +206,8 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
     # modules_to_save names the model lacks are dropped, as PEFT does (LoRAConfig.from_adapter_file).
     config.from_adapter_file = True
     config.source = source
+    recorded = data.get("base_model_name_or_path")
+    config.base_model_name_or_path = recorded if isinstance(recorded, str) and recorded else None
     return config
 
 
@@ -201,8 +221,20 @@ def _adapter_file(path, name: str) -> str:
         if name == ADAPTER_WEIGHTS and os.path.isfile(os.path.join(path, "adapter_model.bin")):
             hint = (" (it has adapter_model.bin, a pickle file, which lorafuse does not load: re-save it with "
                     "PEFT's save_pretrained(..., safe_serialization=True))")
+        adapters = _adapter_subfolders(path) if name == ADAPTER_CONFIG else []
+        if adapters:
+            # PEFT saves every adapter but "default" in a subfolder named after it.
+            hint = (f"; it holds adapters in the subfolders {listing(adapters)}: pass one of those directories "
+                    f"(e.g. {os.path.join(path, adapters[0])!r})")
         raise FileNotFoundError(f"{path!r} has no {name}{hint}")
     return file
+
+
+def _adapter_subfolders(path: str) -> List[str]:
+    """Names of the direct subfolders of `path` that hold an adapter_config.json, sorted."""
+    with os.scandir(path) as entries:
+        return sorted(entry.name for entry in entries
+                      if entry.is_dir() and os.path.isfile(os.path.join(entry.path, ADAPTER_CONFIG)))
 
 
 def _read_config_file(path) -> Tuple[LoRAConfig, bytes, str]:
@@ -217,13 +249,18 @@ def _read_config_file(path) -> Tuple[LoRAConfig, bytes, str]:
     return config_from_adapter_dict(data, source=file), content, file
 
 
-def check_tensor_dict(state_dict) -> None:
-    """A state dict to load must be a dict whose every value is a tensor (nothing else is unpickled or guessed)."""
+def check_tensor_dict(state_dict, *, source: str = "state_dict") -> None:
+    """A state dict to load must be a dict whose every value is a floating-point tensor: nothing else is
+    unpickled or guessed, and an integer or bool tensor would be cast into the float parameters without a word.
+    `source` names the dict (a weights file) in the TypeError."""
     if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+        raise TypeError(f"{source} must be a dict of tensors, got {type(state_dict).__name__}")
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+            raise TypeError(f"{source}[{key!r}] must be a tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{source}[{key!r}] has dtype {value.dtype}; adapter tensors must be floating point "
+                            "(float16, bfloat16, float32 or float64), not cast from integers, bools or complex numbers")
 
 
 def check_not_on_meta(targets: Dict[str, torch.Tensor]) -> None:
@@ -246,6 +283,7 @@ def _read_weights_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], s
         raise ValueError(f"{file} is not a readable safetensors file ({len(data)} bytes): {err}") from None
     # The format: an 8-byte little-endian header length, then the JSON header (valid: load() parsed it).
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    check_tensor_dict(tensors, source=file)
     return tensors, header.get("__metadata__") or {}, file
 
 
@@ -364,6 +402,7 @@ def load_adapter_state(model: nn.Module, file_config: LoRAConfig, state_dict: Di
                        config: LoRAConfig) -> None:
     """What load_adapter does once `read_adapter` has given the file's config and tensors; errors about the
     tensors name the weights file."""
+    warn_if_other_base_model(model, file_config)
     check_adapter_scaling(model, file_config, file_config.source)
     try:
         load_lora_state_dict(model, state_dict, strict=True, config=config)

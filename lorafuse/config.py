@@ -100,6 +100,8 @@ class LoRAConfig:
     from_adapter_file = False
     #: The adapter_config.json it was read from, named in messages about its patterns and targets.
     source = None
+    #: The base model that file records (PEFT's base_model_name_or_path); loading warns when the model differs.
+    base_model_name_or_path = None
 
     r: int = 8
     lora_alpha: float = 16.0
@@ -152,6 +154,7 @@ class LoRAConfig:
         copy = LoRAConfig(**{**self.to_dict(), **changes})
         copy.from_adapter_file = self.from_adapter_file
         copy.source = self.source
+        copy.base_model_name_or_path = self.base_model_name_or_path
         return copy
 
     def to_dict(self) -> dict:

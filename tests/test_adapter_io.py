@@ -382,3 +382,54 @@ def test_rank_pattern_and_missing_tensors_are_checked_before_any_layer_is_built(
     with pytest.raises(ValueError, match=r"missing keys: base_model\.model\.model\.layers\.0\.self_attn\.k_proj"
                                          r"\.lora_A\.weight, "):
         LoRAModel.from_pretrained(tiny_llama(), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_tensors_that_are_not_floating_point_are_refused_by_name(tmp_path, dtype):
+    lora_model = _adapted()
+    state = lora_state_dict(lora_model.base_model)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    state[key] = torch.ones(state[key].shape, dtype=dtype)
+    from lorafuse.adapter_io import adapter_config_dict, write_adapter_files
+
+    write_adapter_files(tmp_path, state, adapter_config_dict(lora_model.base_model, lora_model.lora_config))
+    message = rf"{ADAPTER_WEIGHTS}\['{key}'\] has dtype {dtype}; adapter tensors must be floating point"
+    with pytest.raises(TypeError, match=message):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.raises(TypeError, match=message):
+        _adapted().load_adapter(tmp_path)
+    with pytest.raises(TypeError, match=rf"state_dict\['{key}'\] has dtype {dtype}"):
+        load_lora_state_dict(lora_model.base_model, state)
+
+
+def test_an_adapter_recorded_for_another_base_model_warns(tmp_path):
+    import warnings
+
+    source = _adapted()
+    source.config._name_or_path = "org/model-a"
+    source.save_adapter(tmp_path)
+    other = tiny_llama()
+    other.config._name_or_path = "org/model-b"
+    with pytest.warns(UserWarning, match=rf"{ADAPTER_CONFIG} records base model 'org/model-a', but the model it is "
+                                         r"loaded into is 'org/model-b'"):
+        LoRAModel.from_pretrained(other, tmp_path)
+    target = _adapted()
+    target.config._name_or_path = "org/model-b"
+    with pytest.warns(UserWarning, match="records base model 'org/model-a'"):
+        target.load_adapter(tmp_path)
+    # The same model under a local path, or a model that names none, loads without a word.
+    for name in ("/cache/models/org/model-a/", ""):
+        same = tiny_llama()
+        same.config._name_or_path = name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            LoRAModel.from_pretrained(same, tmp_path)
+
+
+def test_the_root_of_a_multi_adapter_directory_names_its_adapters(tmp_path):
+    _adapted().save_adapter(tmp_path / "sql")
+    _adapted().save_adapter(tmp_path / "chat")
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config.json; it holds adapters in the subfolders "
+                                                r"chat, sql: pass one of those directories \(e\.g\. '.*chat'\)"):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path)

@@ -121,6 +121,7 @@ def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     and keeps its own shards. Raises as the single-device loader does (files that do not belong together,
     keys, shapes, scaling)."""
     file_config, state_dict = adapter_io.read_adapter(path)  # also refuses files that do not belong together
+    adapter_io.warn_if_other_base_model(unwrap(model), file_config)
     adapter_io.check_adapter_scaling(unwrap(model), file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
     distribute_lora_state_dict(model, state_dict, strict=True, config=config)
 
