@@ -10,15 +10,15 @@ is `<path>.base_layer.bias` (PEFT keeps the wrapped layer as `base_layer`); othe
 import hashlib
 import json
 import os
-import secrets
 import warnings
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
 
+from .atomic_files import atomic_write, remove_stale_temp_files
 from .config import LoRAConfig
 from .layer import lora_scaling
 from .messages import listing
@@ -314,30 +314,6 @@ def read_adapter(path) -> Tuple[LoRAConfig, Dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def _atomic_write(file: str, write: Callable[[object], None]) -> None:
-    """Write `file` through a temporary file in the same directory, then rename it into place, so that a
-    crash or interrupt leaves either the old file or the new one, never a part. The file gets the mode any
-    new file gets (0666 less the umask)."""
-    directory = os.path.dirname(file) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(file)}.{secrets.token_hex(8)}.tmp")
-    # Not tempfile.mkstemp: it creates the file 0600 and the rename keeps that, so a group sharing the output
-    # directory could not read the adapter. Mode 0666 lets the umask decide, as for open(); O_EXCL refuses
-    # an existing name (or a symlink planted under it).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     """Write the adapter of `model` (adapted by `config`) to directory `path` in PEFT's layout.
 
@@ -354,19 +330,20 @@ def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
 def write_adapter_files(path, state_dict: dict, config_dict: dict) -> None:
     """Write `state_dict` and `config_dict` into directory `path` as PEFT's two adapter files.
 
-    The weights file is written first, then the config, each atomically (`_atomic_write`). The weights'
+    The weights file is written first, then the config, each atomically (`atomic_files.atomic_write`). The weights'
     metadata holds the sha256 of the config text, so that `read_adapter` can tell when a save was cut off
     between the two.
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    remove_stale_temp_files(path)  # left by saves killed before their rename
     config_bytes = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8")
     # Copies on CPU: safetensors refuses tensors that share storage (tied modules_to_save weights).
     tensors = {key: value.to("cpu", copy=True).contiguous() for key, value in state_dict.items()}
     metadata = {"format": "pt", CONFIG_SHA256_KEY: hashlib.sha256(config_bytes).hexdigest()}
     weights = safetensors.torch.save(tensors, metadata=metadata)
-    _atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
-    _atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(config_bytes))
+    atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
+    atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(config_bytes))
 
 
 def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str) -> None:

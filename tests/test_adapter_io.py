@@ -3,7 +3,11 @@
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import safetensors
@@ -292,14 +296,14 @@ def test_weights_record_the_hash_of_their_config(tmp_path):
 
 def test_a_save_interrupted_between_the_two_files_is_detected(tmp_path, monkeypatch):
     _adapted(config=LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])).save_adapter(tmp_path)
-    real_write = adapter_io._atomic_write
+    real_write = adapter_io.atomic_write
 
     def write(file, content):
         if file.endswith(ADAPTER_CONFIG):
             raise KeyboardInterrupt  # killed after the new weights were renamed into place
         real_write(file, content)
 
-    monkeypatch.setattr(adapter_io, "_atomic_write", write)
+    monkeypatch.setattr(adapter_io, "atomic_write", write)
     with pytest.raises(KeyboardInterrupt):
         _adapted(config=LoRAConfig(r=4, target_modules=["q_proj", "k_proj"])).save_adapter(tmp_path)
     monkeypatch.undo()
@@ -433,3 +437,47 @@ def test_the_root_of_a_multi_adapter_directory_names_its_adapters(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"has no adapter_config.json; it holds adapters in the subfolders "
                                                 r"chat, sql: pass one of those directories \(e\.g\. '.*chat'\)"):
         LoRAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def _save_killed_at_the_rename(directory):
+    """Run a save of a TinyLlama adapter into `directory` in a process that SIGKILLs itself at the rename of the
+    weights file, as the OOM killer or a scheduler would: no handler runs, its temporary file stays."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {tests!r})
+        from tiny_llama import build, lora_config
+        from lorafuse import adapter_io
+        os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+        adapter_io.save_adapter(build(), {str(directory)!r}, config=lora_config())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_a_later_save_removes_the_temporary_files_of_a_killed_save(tmp_path):
+    from tiny_llama import build, lora_config
+
+    from lorafuse.atomic_files import TEMP_PREFIX
+
+    _save_killed_at_the_rename(tmp_path)
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and left[0].startswith(TEMP_PREFIX + ADAPTER_WEIGHTS), left
+    adapter_io.save_adapter(build(), tmp_path, config=lora_config())
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_a_save_leaves_the_temporary_file_of_a_save_still_running(tmp_path):
+    import fcntl
+
+    from lorafuse.atomic_files import TEMP_PREFIX
+
+    running = tmp_path / f"{TEMP_PREFIX}{ADAPTER_WEIGHTS}.0123456789abcdef"
+    with open(running, "wb") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)  # held as a live writer holds it
+        _adapted().save_adapter(tmp_path)
+        assert running.exists()
+    _adapted().save_adapter(tmp_path)  # its writer is gone now
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
