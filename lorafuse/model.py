@@ -4,7 +4,7 @@ result with merging, adapter files, a summary and a base-model-only mode."""
 import contextlib
 import os
 import warnings
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ from .adapter_fit import check_adapter_fits
 from .config import LoRAConfig
 from .layer import FusedLoRALinear
 from .messages import listing
-from .summary import LoRASummary, summarize
+from .summary import LoRASummary, count_parameters, summarize
 from .targeting import (
     extra_trainable_parameters,
     find_modules_to_save,
@@ -205,6 +205,17 @@ class LoRAModel(nn.Module):
     def print_summary(self, *, file=None) -> None:
         print(self.summary(), file=file)
 
+    def get_nb_trainable_parameters(self) -> Tuple[int, int]:
+        """(trainable, total) parameter counts, as PEFT's method of this name gives them."""
+        counts = count_parameters(self)
+        return counts.trainable, counts.total
+
+    def print_trainable_parameters(self, *, file=None) -> None:
+        """PEFT's one-line summary: "trainable params: X || all params: Y || trainable%: Z"."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
+              f"{100 * trainable / total:.4f}", file=file)
+
     def merge(self) -> "LoRAModel":
         """Fold every adapter into its base weight (faster inference; unmerge() before training again)."""
         for _, layer in self.lora_layers():
@@ -223,6 +234,14 @@ class LoRAModel(nn.Module):
     def save_adapter(self, path) -> None:
         """Write adapter_config.json and adapter_model.safetensors (PEFT's layout) into directory `path`."""
         adapter_io.save_adapter(self.base_model, path, config=self.lora_config)
+
+    def save_pretrained(self, save_directory, *, safe_serialization: bool = True) -> None:
+        """PEFT's meaning: save the adapter alone (save_adapter), not the base model, whose save_pretrained
+        this would otherwise reach through attribute lookup. Only safetensors are written."""
+        if safe_serialization is not True:
+            raise ValueError(f"safe_serialization={safe_serialization!r}: lorafuse writes adapters as safetensors "
+                             "only (pickle files can run code when loaded)")
+        self.save_adapter(save_directory)
 
     def load_adapter(self, path) -> None:
         """Load an adapter written by save_adapter or PEFT's save_pretrained into this model's layers."""
