@@ -67,6 +67,20 @@ def _pattern(field: str, value, *, integer: bool) -> Dict[str, Union[int, float]
     return checked
 
 
+def split_target_modules(values) -> list:
+    """Module names from one or more arguments, each space- or comma-separated ("c_attn,attn.c_proj").
+    ValueError when "all-linear" is given beside other names: half-applying it would be a guess."""
+    if isinstance(values, str):
+        values = [values]
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if not names:
+        raise ValueError("no module name given")
+    if len(names) > 1 and any(name.lower() == ALL_LINEAR for name in names):
+        raise ValueError(f"{ALL_LINEAR!r} stands for every linear layer and cannot be combined with other names, "
+                         f"got {' '.join(names)!r}")
+    return names
+
+
 @dataclasses.dataclass(init=False)
 class LoRAConfig:
     """What `apply_lora` / `get_lora_model` do to a model.
@@ -170,7 +184,7 @@ class LoRAConfig:
     def from_args(cls, args) -> "LoRAConfig":
         """The config an argparse namespace built by `lorafuse.add_lora_arguments` describes.
 
-        --lora-target-modules takes names (space- or comma-separated) or "all-linear"; unset means the
+        --lora-target-modules takes names (space- or comma-separated) or "all-linear" alone; unset means the
         architecture's defaults (target_modules=None).
         """
         needed = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_use_rslora")
@@ -179,9 +193,10 @@ class LoRAConfig:
             raise TypeError(f"args lacks {', '.join(missing)}: build the parser with lorafuse.add_lora_arguments")
         targets = args.lora_target_modules
         if targets is not None:
-            if isinstance(targets, str):
-                targets = [targets]
-            targets = [name.strip() for item in targets for name in item.split(",") if name.strip()]
+            try:
+                targets = split_target_modules(targets)
+            except ValueError as err:
+                raise ValueError(f"lora_target_modules: {err}") from None
             if len(targets) == 1 and targets[0].lower() == ALL_LINEAR:
                 targets = ALL_LINEAR
         return cls(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
