@@ -2,6 +2,9 @@
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -52,6 +55,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unwritable(path) -> Optional[str]:
+    """Why `path` cannot be written, or None when it can: tested before the benchmark runs (minutes on a GPU
+    grid), leaving no file behind. Missing parent folders are fine where they can be created."""
+    path = Path(path)
+    if path.is_dir():
+        return "it is a directory"
+    if path.exists():
+        try:
+            with open(path, "ab"):  # for writing, without truncating what is there
+                pass
+        except OSError as err:
+            return str(err)
+        return None
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as err:
+        return f"no file can be created in {ancestor}: {err}"
+    return None
+
+
 def config_from_args(args, parser) -> Config:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -84,6 +113,10 @@ def main(argv=None) -> int:
     """Run the benchmark; 0 when every provider that could run agreed with the oracle, 1 otherwise."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and unwritable(path)
+        if problem:
+            parser.error(f"argument {flag}: cannot write {path}: {problem}")
     config = config_from_args(args, parser)
     env = environment.describe(config.device)
     for note in _notes(config, env):
