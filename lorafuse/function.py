@@ -9,7 +9,7 @@ import sys
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.lorafuse.*)
-from .checks import check_dropout, check_lora_inputs, seed_tensor
+from .checks import check_dropout, check_lora_inputs, check_same_device, seed_tensor
 from .dispatch import select_backend
 
 
@@ -55,6 +55,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, trai
     generator for x's device. Returns (..., out_features).
     """
     check_dropout(dropout_p)
+    # Devices before autocast: it casts per device type, and for x on the meta device it has no answer at all
+    # (torch raises "unknown device type for autocast"), where the mismatch is the real error.
+    check_same_device(x, weight, bias, lora_A, lora_B)
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
