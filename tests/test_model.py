@@ -279,3 +279,30 @@ def test_print_trainable_parameters_prints_peft_line():
     # Per block: q_proj 4 * (32 + 32), v_proj 4 * (32 + 16) (two KV heads of 8).
     assert ours.getvalue().startswith(f"trainable params: {2 * (256 + 192)} || all params: ")
     assert lora_model.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each element of `t` (in its dtype), as float32."""
+    mantissa_bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[t.dtype]
+    exponent = torch.frexp(t.abs().float())[1]
+    return torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent - mantissa_bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_disable_adapter_on_a_merged_low_precision_model_restores_weights_up_to_one_ulp(dtype):
+    # What docs/model_api.md states: exact when unmerged; merged, one unit in the last place of the larger of
+    # |W| and |W + delta|, which is not exact (the docs once said "exactly the base model's").
+    lora_model = get_lora_model(tiny_llama().to(dtype), LoRAConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(lora_model)
+    layers = [layer for _, layer in lora_model.lora_layers()]
+    base = [layer.base_weight().detach().clone() for layer in layers]
+    with lora_model.disable_adapter():
+        assert all(torch.equal(layer.base_weight(), w) for layer, w in zip(layers, base))
+    lora_model.merge()
+    merged = [layer.base_weight().detach().clone() for layer in layers]
+    with lora_model.disable_adapter():
+        restored = [layer.base_weight().detach().clone() for layer in layers]
+    for w, w_merged, w_restored in zip(base, merged, restored):
+        bound = _ulp(torch.maximum(w.abs(), w_merged.abs()))
+        assert ((w_restored.float() - w.float()).abs() <= bound).all()
+    assert not all(torch.equal(w, w_restored) for w, w_restored in zip(base, restored))
