@@ -76,4 +76,10 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, trai
     with torch.autocast(x.device.type, enabled=False):
         y, _xa = torch.ops.lorafuse.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed,
                                                  scaling=float(scaling), dropout_p=p)
-    return y.reshape(*leading, weight.shape[0])
+    if x.dim() == 2:
+        return y
+    # y is a fresh tensor that nothing else sees, so its (..., N) shape is given as torch.matmul gives a folded
+    # batch its shape: _unsafe_view shares the storage but is no view to autograd. A reshape would return a view
+    # of y, on which an in-place op (out += residual) skips the hooks of the tensor it views: FSDP2 warns
+    # about that, as its pre-backward hook sits on the module's output.
+    return torch.ops.aten._unsafe_view(y, (*leading, weight.shape[0]))

@@ -1,5 +1,7 @@
 """Argument checking of lorafuse.distributed, in one process (a world of one gloo rank where a mesh is needed)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -108,3 +110,18 @@ def test_missing_keys_are_listed_as_the_single_device_loader_lists_them():
     kept = dict(list(state.items())[:2])
     with pytest.raises(KeyError, match=r"missing keys: .*, \.\.\. \(14 more\); unexpected keys: none"):
         distribute_lora_state_dict(build(seed=99), kept)
+
+
+def test_fsdp2_sees_an_output_that_is_no_view(mesh):
+    # FSDP2 hooks its pre-backward on the module's output and warns when that output is a view: an in-place op on
+    # it (out += residual) would skip the hook. The fused layer's output is a fresh tensor for any input rank.
+    layer = fully_shard(FusedLoRALinear(8, 6, r=2), mesh=mesh)
+    for shape in [(5, 8), (2, 3, 8), (8,)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = layer(torch.randn(shape))
+        assert not [w for w in caught if "returned a view tensor" in str(w.message)], shape
+        assert y._base is None and y.shape == (*shape[:-1], 6)
+        y += 1.0  # in place, as a residual add would be
+        y.sum().backward()
+        assert layer.lora_B.grad is not None
