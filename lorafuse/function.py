@@ -1,10 +1,10 @@
-"""The functional form `lora_linear`: seeds, autocast and tensor-parallel routing around the custom op.
+"""The functional form `lora_linear`: checks, seeds and autocast around the custom op.
 
 The autograd of the fused layer is registered on the custom op `lorafuse::lora_forward` (ops.py), so
-eager calls and torch.compile take the same path.
+eager calls and torch.compile take the same path. Plain tensors only: tensor-parallel layers run
+`lorafuse.distributed.sharded.sharded_lora_linear`, which calls this on each rank's shards (the layering
+reads one way, from the distributed package down to this one).
 """
-
-import sys
 
 import torch
 
@@ -25,13 +25,6 @@ def draw_seed(device) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-def _is_dtensor(tensor) -> bool:
-    # No tensor can be a DTensor before torch.distributed.tensor is imported; looking it up in
-    # sys.modules keeps that 1 s import out of `import lorafuse`.
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
-
-
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -46,14 +39,9 @@ def _autocast(x, weight, bias, lora_A, lora_B):
                  for t in (x, weight, bias, lora_A, lora_B))
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, training=True, seed=None):
-    """Fused LoRA linear: x @ W^T + b + scaling * (dropout(x) @ A^T) @ B^T.
-
-    x: (..., in_features); weight: (out_features, in_features), any strides; bias: (out_features,) or
-    None; lora_A: (r, in_features); lora_B: (out_features, r). Dropout applies only when `training`.
-    seed: an int or one-element int64 tensor fixing the dropout mask; None draws one from torch's
-    generator for x's device. Returns (..., out_features).
-    """
+def prepare_call(x, weight, bias, lora_A, lora_B, *, dropout_p, training, seed):
+    """What every lora_linear call does before the kernels: check the operands, cast them as autocast
+    would, settle the dropout rate and the seed. Returns (x, weight, bias, lora_A, lora_B, p, seed tensor)."""
     check_dropout(dropout_p)
     # Devices before autocast: it casts per device type, and for x on the meta device it has no answer at all
     # (torch raises "unknown device type for autocast"), where the mismatch is the real error.
@@ -67,11 +55,19 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, trai
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     else:
         seed = seed_tensor(seed, x.device)
-    if any(_is_dtensor(t) for t in (x, weight, lora_A, lora_B)):
-        # Tensor-parallel layers (lorafuse.distributed styles): the same kernels on local shards.
-        from .distributed.sharded import sharded_lora_linear
+    return x, weight, bias, lora_A, lora_B, p, seed
 
-        return sharded_lora_linear(x, weight, bias, lora_A, lora_B, scaling=float(scaling), dropout_p=p, seed=seed)
+
+def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, training=True, seed=None):
+    """Fused LoRA linear: x @ W^T + b + scaling * (dropout(x) @ A^T) @ B^T.
+
+    x: (..., in_features); weight: (out_features, in_features), any strides; bias: (out_features,) or
+    None; lora_A: (r, in_features); lora_B: (out_features, r). Dropout applies only when `training`.
+    seed: an int or one-element int64 tensor fixing the dropout mask; None draws one from torch's
+    generator for x's device. Returns (..., out_features).
+    """
+    x, weight, bias, lora_A, lora_B, p, seed = prepare_call(x, weight, bias, lora_A, lora_B, dropout_p=dropout_p,
+                                                            training=training, seed=seed)
     leading = x.shape[:-1]
     with torch.autocast(x.device.type, enabled=False):
         y, _xa = torch.ops.lorafuse.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed,

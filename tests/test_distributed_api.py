@@ -13,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import parallelize_module
 
-from lorafuse import FusedLoRALinear, lora_linear, lora_state_dict
+from lorafuse import FusedLoRALinear, lora_state_dict
 from lorafuse.distributed import (
     ColwiseLoRAParallel,
     RowwiseLoRAParallel,
@@ -22,6 +22,7 @@ from lorafuse.distributed import (
     gather_lora_state_dict,
     shard_lora_model,
 )
+from lorafuse.distributed.sharded import sharded_lora_linear
 
 
 @pytest.fixture
@@ -51,14 +52,15 @@ def test_styles_check_their_module_mesh_and_options(mesh):
 def test_dtensor_parameters_need_a_dtensor_input_and_a_known_layout(mesh):
     layer = parallelize_module(FusedLoRALinear(4, 6, r=2), mesh, ColwiseLoRAParallel())
     x = torch.randn(3, 4)
+    assert layer.lora_function is sharded_lora_linear  # set by the style
     with pytest.raises(TypeError, match="x is a plain tensor but the layer's parameters are column-parallel"):
-        lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, scaling=1.0)
+        sharded_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, scaling=1.0)
     assert layer(x).shape == (3, 6)  # through the style's input hook it works
     everything_replicated = distribute_tensor(layer.lora_B.full_tensor().detach(), mesh, [Replicate()])
     with pytest.raises(ValueError, match="expected column-parallel"):
-        lora_linear(x, layer.weight, layer.bias, layer.lora_A, everything_replicated, scaling=1.0)
+        sharded_lora_linear(x, layer.weight, layer.bias, layer.lora_A, everything_replicated, scaling=1.0)
     with pytest.raises(TypeError, match="lora_B is a plain Tensor while other LoRA parameters are DTensors"):
-        lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B.full_tensor(), scaling=1.0)
+        sharded_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B.full_tensor(), scaling=1.0)
 
 
 def test_shard_lora_model_checks_its_arguments(mesh):
