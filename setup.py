@@ -17,6 +17,8 @@ setup(
         "torch>=2.4",
         "safetensors>=0.4",
         "tqdm>=4.60",
+        # Patterns from adapter files are matched with a timeout (lorafuse/patterns.py); `re` has none.
+        "regex>=2022.1.18",
         # Triton ships for Linux only; elsewhere the layer runs its PyTorch path.
         "triton>=3.2; platform_system == 'Linux'",
     ],

@@ -10,16 +10,19 @@ is `<path>.base_layer.bias` (PEFT keeps the wrapped layer as `base_layer`); othe
 import hashlib
 import json
 import os
-import secrets
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+import warnings
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import safetensors
 import safetensors.torch
 import torch
 import torch.nn as nn
 
+from .atomic_files import atomic_write, remove_stale_temp_files
 from .config import LoRAConfig
 from .layer import lora_scaling
+from .messages import listing
+from .peft_fields import check_peft_fields
 from .targeting import extra_trainable_parameters, find_modules_to_save, lora_layers, pattern_value
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,11 +31,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 #: Metadata key of a weights file lorafuse writes: the sha256 of the adapter_config.json written with it.
 CONFIG_SHA256_KEY = "lorafuse_config_sha256"
-
-#: PEFT options that change what an adapter computes and that lorafuse does not implement: loading an
-#: adapter that uses one would silently give other outputs, so it is refused.
-_UNSUPPORTED = ("use_dora", "lora_bias", "target_parameters", "layer_replication", "use_qalora",
-                "trainable_token_indices", "alora_invocation_tokens", "use_bdlora", "arrow_config")
 
 
 class LoadResult(NamedTuple):
@@ -60,7 +58,7 @@ def _file_key(name: str, lora_paths: set) -> str:
     return PEFT_PREFIX + name
 
 
-def _model_key(key: str) -> str:
+def model_key(key: str) -> str:
     """The model parameter path a file key names (the inverse of _file_key, prefix optional)."""
     if key.startswith(PEFT_PREFIX):
         key = key[len(PEFT_PREFIX):]
@@ -80,12 +78,6 @@ def lora_state_dict(model: nn.Module, *, config: Optional[LoRAConfig] = None) ->
     return {_file_key(name, lora_paths): p.detach() for name, p in _saved_parameters(model, config).items()}
 
 
-def _listing(keys) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:12])
-    return shown + (f", ... ({len(keys) - 12} more)" if len(keys) > 12 else "")
-
-
 @torch.no_grad()
 def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], *, strict: bool = True,
                          config: Optional[LoRAConfig] = None) -> LoadResult:
@@ -100,7 +92,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     expected = _saved_parameters(model, config)
     incoming = {}
     for key, value in state_dict.items():
-        name = _model_key(key)
+        name = model_key(key)
         if name in incoming:
             raise ValueError(f"state_dict has two keys for {name!r}: {incoming[name][0]!r} and {key!r}")
         incoming[name] = (key, value)
@@ -110,9 +102,9 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     if strict and (missing or unexpected):
         problems = []
         if missing:
-            problems.append(f"missing keys: {_listing(missing)}")
+            problems.append(f"missing keys: {listing(sorted(missing))}")
         if unexpected:
-            problems.append(f"unexpected keys: {_listing(unexpected)}")
+            problems.append(f"unexpected keys: {listing(sorted(unexpected))}")
         raise ValueError(f"adapter state dict does not fit the model ({len(expected)} adapter tensors): "
                          + "; ".join(problems))
     mismatched = [f"{key}: file {tuple(value.shape)}, model {tuple(expected[name].shape)}"
@@ -120,7 +112,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
                   if name in expected and value.shape != expected[name].shape]
     if mismatched:
         raise ValueError("adapter shapes do not match the model (a different r or base model?): "
-                         + "; ".join(mismatched))
+                         + listing(mismatched, separator="; "))
     check_not_on_meta({name: expected[name] for name in incoming if name in expected})
     merged = [layer for _, layer in lora_layers(model) if layer.merged]
     for layer in merged:
@@ -139,6 +131,23 @@ def _base_model_name(model: nn.Module) -> Optional[str]:
         if isinstance(name, str) and name:
             return name
     return None
+
+
+def _same_base_model(recorded: str, actual: str) -> bool:
+    """Whether two names of a base model agree: equal, or one a path ending in the other (a local copy of a
+    hub model: "/models/org/model-a" and "org/model-a")."""
+    recorded, actual = (name.replace("\\", "/").rstrip("/") for name in (recorded, actual))
+    return recorded == actual or recorded.endswith("/" + actual) or actual.endswith("/" + recorded)
+
+
+def warn_if_other_base_model(model: nn.Module, file_config: LoRAConfig) -> None:
+    """Warn when the adapter file records a base model (base_model_name_or_path) and `model` names another:
+    the tensors load, but an adapter only means something on the weights it was trained on."""
+    recorded, actual = file_config.base_model_name_or_path, _base_model_name(model)
+    if recorded and actual and not _same_base_model(recorded, actual):
+        warnings.warn(f"{file_config.source} records base model {recorded!r}, but the model it is loaded into is "
+                      f"{actual!r}: an adapter trained on other base weights gives meaningless outputs",
+                      stacklevel=3)
 
 
 def adapter_config_dict(model: nn.Module, config: LoRAConfig) -> dict:
@@ -177,9 +186,7 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
     if data.get("peft_type") != "LORA":
         raise ValueError(f"{source} has peft_type={data.get('peft_type')!r}; lorafuse loads LoRA adapters "
                          "(peft_type 'LORA') only")
-    used = [name for name in _UNSUPPORTED if data.get(name)]
-    if used:
-        raise ValueError(f"{source} uses {', '.join(used)}, which lorafuse does not implement")
+    check_peft_fields(data, source=source)
     if "r" not in data:
         raise ValueError(f"{source} has no 'r'")
     # PEFT treats an empty list as "no layer restriction"; 0 alone is block 0, so test for [] explicitly.
@@ -198,6 +205,9 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
         raise ValueError(f"{source}: {err}") from None
     # modules_to_save names the model lacks are dropped, as PEFT does (LoRAConfig.from_adapter_file).
     config.from_adapter_file = True
+    config.source = source
+    recorded = data.get("base_model_name_or_path")
+    config.base_model_name_or_path = recorded if isinstance(recorded, str) and recorded else None
     return config
 
 
@@ -211,8 +221,20 @@ def _adapter_file(path, name: str) -> str:
         if name == ADAPTER_WEIGHTS and os.path.isfile(os.path.join(path, "adapter_model.bin")):
             hint = (" (it has adapter_model.bin, a pickle file, which lorafuse does not load: re-save it with "
                     "PEFT's save_pretrained(..., safe_serialization=True))")
+        adapters = _adapter_subfolders(path) if name == ADAPTER_CONFIG else []
+        if adapters:
+            # PEFT saves every adapter but "default" in a subfolder named after it.
+            hint = (f"; it holds adapters in the subfolders {listing(adapters)}: pass one of those directories "
+                    f"(e.g. {os.path.join(path, adapters[0])!r})")
         raise FileNotFoundError(f"{path!r} has no {name}{hint}")
     return file
+
+
+def _adapter_subfolders(path: str) -> List[str]:
+    """Names of the direct subfolders of `path` that hold an adapter_config.json, sorted."""
+    with os.scandir(path) as entries:
+        return sorted(entry.name for entry in entries
+                      if entry.is_dir() and os.path.isfile(os.path.join(entry.path, ADAPTER_CONFIG)))
 
 
 def _read_config_file(path) -> Tuple[LoRAConfig, bytes, str]:
@@ -227,22 +249,27 @@ def _read_config_file(path) -> Tuple[LoRAConfig, bytes, str]:
     return config_from_adapter_dict(data, source=file), content, file
 
 
-def check_tensor_dict(state_dict) -> None:
-    """A state dict to load must be a dict whose every value is a tensor (nothing else is unpickled or guessed)."""
+def check_tensor_dict(state_dict, *, source: str = "state_dict") -> None:
+    """A state dict to load must be a dict whose every value is a floating-point tensor: nothing else is
+    unpickled or guessed, and an integer or bool tensor would be cast into the float parameters without a word.
+    `source` names the dict (a weights file) in the TypeError."""
     if not isinstance(state_dict, dict):
-        raise TypeError(f"state_dict must be a dict of tensors, got {type(state_dict).__name__}")
+        raise TypeError(f"{source} must be a dict of tensors, got {type(state_dict).__name__}")
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"state_dict[{key!r}] must be a tensor, got {type(value).__name__}")
+            raise TypeError(f"{source}[{key!r}] must be a tensor, got {type(value).__name__}")
+        if not value.is_floating_point():
+            raise TypeError(f"{source}[{key!r}] has dtype {value.dtype}; adapter tensors must be floating point "
+                            "(float16, bfloat16, float32 or float64), not cast from integers, bools or complex numbers")
 
 
 def check_not_on_meta(targets: Dict[str, torch.Tensor]) -> None:
     """A copy into a meta tensor succeeds and stores nothing: refuse to load into one, naming it."""
     on_meta = [name for name, tensor in targets.items() if tensor.is_meta]
     if on_meta:
-        raise ValueError(f"{_listing(on_meta)} {'is' if len(on_meta) == 1 else 'are'} on the meta device (the model "
-                         "was built without memory), so loading would store nothing: materialize the model first, "
-                         "e.g. model.to_empty(device=...), then load the adapter")
+        raise ValueError(f"{listing(sorted(on_meta))} {'is' if len(on_meta) == 1 else 'are'} on the meta device (the "
+                         "model was built without memory), so loading would store nothing: materialize the model "
+                         "first, e.g. model.to_empty(device=...), then load the adapter")
 
 
 def _read_weights_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], str]:
@@ -256,6 +283,7 @@ def _read_weights_file(path) -> Tuple[Dict[str, torch.Tensor], Dict[str, str], s
         raise ValueError(f"{file} is not a readable safetensors file ({len(data)} bytes): {err}") from None
     # The format: an 8-byte little-endian header length, then the JSON header (valid: load() parsed it).
     header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")])
+    check_tensor_dict(tensors, source=file)
     return tensors, header.get("__metadata__") or {}, file
 
 
@@ -286,30 +314,6 @@ def read_adapter(path) -> Tuple[LoRAConfig, Dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def _atomic_write(file: str, write: Callable[[object], None]) -> None:
-    """Write `file` through a temporary file in the same directory, then rename it into place, so that a
-    crash or interrupt leaves either the old file or the new one, never a part. The file gets the mode any
-    new file gets (0666 less the umask)."""
-    directory = os.path.dirname(file) or "."
-    tmp = os.path.join(directory, f".{os.path.basename(file)}.{secrets.token_hex(8)}.tmp")
-    # Not tempfile.mkstemp: it creates the file 0600 and the rename keeps that, so a group sharing the output
-    # directory could not read the adapter. Mode 0666 lets the umask decide, as for open(); O_EXCL refuses
-    # an existing name (or a symlink planted under it).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, file)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     """Write the adapter of `model` (adapted by `config`) to directory `path` in PEFT's layout.
 
@@ -326,19 +330,20 @@ def save_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
 def write_adapter_files(path, state_dict: dict, config_dict: dict) -> None:
     """Write `state_dict` and `config_dict` into directory `path` as PEFT's two adapter files.
 
-    The weights file is written first, then the config, each atomically (`_atomic_write`). The weights'
+    The weights file is written first, then the config, each atomically (`atomic_files.atomic_write`). The weights'
     metadata holds the sha256 of the config text, so that `read_adapter` can tell when a save was cut off
     between the two.
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
+    remove_stale_temp_files(path)  # left by saves killed before their rename
     config_bytes = (json.dumps(config_dict, indent=2, sort_keys=True) + "\n").encode("utf-8")
     # Copies on CPU: safetensors refuses tensors that share storage (tied modules_to_save weights).
     tensors = {key: value.to("cpu", copy=True).contiguous() for key, value in state_dict.items()}
     metadata = {"format": "pt", CONFIG_SHA256_KEY: hashlib.sha256(config_bytes).hexdigest()}
     weights = safetensors.torch.save(tensors, metadata=metadata)
-    _atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
-    _atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(config_bytes))
+    atomic_write(os.path.join(path, ADAPTER_WEIGHTS), lambda f: f.write(weights))
+    atomic_write(os.path.join(path, ADAPTER_CONFIG), lambda f: f.write(config_bytes))
 
 
 def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str) -> None:
@@ -346,8 +351,9 @@ def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str
     without error and give other outputs."""
     wrong = []
     for path, layer in lora_layers(model):
-        r = pattern_value(file_config.rank_pattern, path, file_config.r)
-        alpha = pattern_value(file_config.alpha_pattern, path, file_config.lora_alpha)
+        r = pattern_value(file_config.rank_pattern, path, file_config.r, source=source)
+        alpha = pattern_value(file_config.alpha_pattern, path, file_config.lora_alpha, field="alpha_pattern",
+                              source=source)
         scaling = lora_scaling(r, alpha, file_config.use_rslora)
         if r == layer.r and abs(scaling - layer.scaling) > 1e-6 * abs(layer.scaling):
             wrong.append(f"{path}: adapter scaling {scaling:g} (lora_alpha={alpha:g}, use_rslora="
@@ -355,8 +361,7 @@ def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str
                          f"use_rslora={layer.use_rslora})")
     if wrong:
         raise ValueError(f"{source} was trained with another scaling; build the model from the adapter's own "
-                         f"config (LoRAModel.from_pretrained) instead: {'; '.join(wrong[:8])}"
-                         + (f"; ... ({len(wrong) - 8} more)" if len(wrong) > 8 else ""))
+                         f"config (LoRAModel.from_pretrained) instead: {listing(wrong, separator='; ')}")
 
 
 def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
@@ -367,5 +372,17 @@ def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     is absent.
     """
     file_config, state_dict = read_adapter(path)
-    check_adapter_scaling(model, file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
-    load_lora_state_dict(model, state_dict, strict=True, config=config)
+    load_adapter_state(model, file_config, state_dict, config=config)
+
+
+def load_adapter_state(model: nn.Module, file_config: LoRAConfig, state_dict: Dict[str, torch.Tensor], *,
+                       config: LoRAConfig) -> None:
+    """What load_adapter does once `read_adapter` has given the file's config and tensors; errors about the
+    tensors name the weights file."""
+    warn_if_other_base_model(model, file_config)
+    check_adapter_scaling(model, file_config, file_config.source)
+    try:
+        load_lora_state_dict(model, state_dict, strict=True, config=config)
+    except ValueError as err:
+        weights_file = os.path.join(os.path.dirname(file_config.source), ADAPTER_WEIGHTS)
+        raise ValueError(f"{weights_file}: {err}") from None

@@ -53,6 +53,19 @@ def check_adapter_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype, *, nam
     raise TypeError(f"{name} has dtype {adapter_dtype} but x has dtype {x_dtype}; adapters must be {allowed}")
 
 
+def check_same_device(x, weight, bias, lora_A, lora_B) -> None:
+    """Every operand (bias may be None) is a tensor on x's device; the messages are check_lora_inputs'."""
+    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        named["bias"] = bias
+    for name, tensor in named.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    for name, tensor in named.items():
+        if tensor.device != x.device:
+            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; they must be on one device")
+
+
 def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
     """Check shapes, dtypes and devices of one LoRA linear call.
 

@@ -1,23 +1,16 @@
 """`LoRAConfig`: which layers of a model get an adapter, with which rank and scaling, and what else trains."""
 
 import dataclasses
-import re
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 from .checks import check_dropout, check_positive_int, check_positive_number
+from .patterns import check_pattern
 
 #: `target_modules` shorthand for every linear layer except the output head (the name PEFT uses).
 ALL_LINEAR = "all-linear"
 
 #: Allowed values of `bias`: which biases train (and are saved with the adapter).
 BIAS_MODES = ("none", "all", "lora_only")
-
-
-def _check_regex(field: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"{field} {pattern!r} is not a valid regular expression: {err}") from None
 
 
 def _names(field: str, value, *, allow_regex: bool) -> Union[None, str, Tuple[str, ...]]:
@@ -30,7 +23,7 @@ def _names(field: str, value, *, allow_regex: bool) -> Union[None, str, Tuple[st
         if not value:
             raise ValueError(f"{field} must not be an empty string")
         if value.lower() != ALL_LINEAR:
-            _check_regex(field, value)
+            check_pattern(value, field=field)
         return value
     if not isinstance(value, (list, tuple, set, frozenset)):
         raise ValueError(f"{field} must be a list of module names{' or a regex string' if allow_regex else ''}, "
@@ -69,9 +62,23 @@ def _pattern(field: str, value, *, integer: bool) -> Dict[str, Union[int, float]
     for key, item in value.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"{field} keys must be non-empty strings, got {key!r}")
-        _check_regex(f"{field} key", key)
+        check_pattern(key, field=f"{field} key")
         checked[key] = _positive_number(f"{field}[{key!r}]", item, integer=integer)
     return checked
+
+
+def split_target_modules(values) -> list:
+    """Module names from one or more arguments, each space- or comma-separated ("c_attn,attn.c_proj").
+    ValueError when "all-linear" is given beside other names: half-applying it would be a guess."""
+    if isinstance(values, str):
+        values = [values]
+    names = [name.strip() for value in values for name in value.split(",") if name.strip()]
+    if not names:
+        raise ValueError("no module name given")
+    if len(names) > 1 and any(name.lower() == ALL_LINEAR for name in names):
+        raise ValueError(f"{ALL_LINEAR!r} stands for every linear layer and cannot be combined with other names, "
+                         f"got {' '.join(names)!r}")
+    return names
 
 
 @dataclasses.dataclass(init=False)
@@ -103,8 +110,12 @@ class LoRAConfig:
     a warning and raises only when none matches; a config built by hand raises for any of them.
     """
 
-    #: Where the config came from, not what it does: not a field, so not in to_dict() or ==.
+    #: Where the config came from, not what it does: not fields, so not in to_dict() or ==.
     from_adapter_file = False
+    #: The adapter_config.json it was read from, named in messages about its patterns and targets.
+    source = None
+    #: The base model that file records (PEFT's base_model_name_or_path); loading warns when the model differs.
+    base_model_name_or_path = None
 
     r: int = 8
     lora_alpha: float = 16.0
@@ -156,6 +167,8 @@ class LoRAConfig:
         """A copy with `changes` applied (and validated); it keeps from_adapter_file."""
         copy = LoRAConfig(**{**self.to_dict(), **changes})
         copy.from_adapter_file = self.from_adapter_file
+        copy.source = self.source
+        copy.base_model_name_or_path = self.base_model_name_or_path
         return copy
 
     def to_dict(self) -> dict:
@@ -171,7 +184,7 @@ class LoRAConfig:
     def from_args(cls, args) -> "LoRAConfig":
         """The config an argparse namespace built by `lorafuse.add_lora_arguments` describes.
 
-        --lora-target-modules takes names (space- or comma-separated) or "all-linear"; unset means the
+        --lora-target-modules takes names (space- or comma-separated) or "all-linear" alone; unset means the
         architecture's defaults (target_modules=None).
         """
         needed = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_modules", "lora_use_rslora")
@@ -180,9 +193,10 @@ class LoRAConfig:
             raise TypeError(f"args lacks {', '.join(missing)}: build the parser with lorafuse.add_lora_arguments")
         targets = args.lora_target_modules
         if targets is not None:
-            if isinstance(targets, str):
-                targets = [targets]
-            targets = [name.strip() for item in targets for name in item.split(",") if name.strip()]
+            try:
+                targets = split_target_modules(targets)
+            except ValueError as err:
+                raise ValueError(f"lora_target_modules: {err}") from None
             if len(targets) == 1 and targets[0].lower() == ALL_LINEAR:
                 targets = ALL_LINEAR
         return cls(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,

@@ -1,15 +1,15 @@
-"""The functional form `lora_linear`: seeds, autocast and tensor-parallel routing around the custom op.
+"""The functional form `lora_linear`: checks, seeds and autocast around the custom op.
 
 The autograd of the fused layer is registered on the custom op `lorafuse::lora_forward` (ops.py), so
-eager calls and torch.compile take the same path.
+eager calls and torch.compile take the same path. Plain tensors only: tensor-parallel layers run
+`lorafuse.distributed.sharded.sharded_lora_linear`, which calls this on each rank's shards (the layering
+reads one way, from the distributed package down to this one).
 """
-
-import sys
 
 import torch
 
 from . import ops  # noqa: F401  (registers torch.ops.lorafuse.*)
-from .checks import check_dropout, check_lora_inputs, seed_tensor
+from .checks import check_dropout, check_lora_inputs, check_same_device, seed_tensor
 from .dispatch import select_backend
 
 
@@ -23,13 +23,6 @@ def draw_seed(device) -> torch.Tensor:
     """A one-element int64 dropout seed."""
     # From the device's default generator: torch.manual_seed reproduces it and checkpoint replays it.
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
-
-
-def _is_dtensor(tensor) -> bool:
-    # No tensor can be a DTensor before torch.distributed.tensor is imported; looking it up in
-    # sys.modules keeps that 1 s import out of `import lorafuse`.
-    dtensor_module = sys.modules.get("torch.distributed.tensor")
-    return dtensor_module is not None and isinstance(tensor, dtensor_module.DTensor)
 
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
@@ -46,15 +39,13 @@ def _autocast(x, weight, bias, lora_A, lora_B):
                  for t in (x, weight, bias, lora_A, lora_B))
 
 
-def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, training=True, seed=None):
-    """Fused LoRA linear: x @ W^T + b + scaling * (dropout(x) @ A^T) @ B^T.
-
-    x: (..., in_features); weight: (out_features, in_features), any strides; bias: (out_features,) or
-    None; lora_A: (r, in_features); lora_B: (out_features, r). Dropout applies only when `training`.
-    seed: an int or one-element int64 tensor fixing the dropout mask; None draws one from torch's
-    generator for x's device. Returns (..., out_features).
-    """
+def prepare_call(x, weight, bias, lora_A, lora_B, *, dropout_p, training, seed):
+    """What every lora_linear call does before the kernels: check the operands, cast them as autocast
+    would, settle the dropout rate and the seed. Returns (x, weight, bias, lora_A, lora_B, p, seed tensor)."""
     check_dropout(dropout_p)
+    # Devices before autocast: it casts per device type, and for x on the meta device it has no answer at all
+    # (torch raises "unknown device type for autocast"), where the mismatch is the real error.
+    check_same_device(x, weight, bias, lora_A, lora_B)
     x, weight, bias, lora_A, lora_B = _autocast(x, weight, bias, lora_A, lora_B)
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
     p = float(dropout_p) if training else 0.0
@@ -64,13 +55,27 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, trai
         seed = torch.zeros(1, dtype=torch.int64, device=x.device)
     else:
         seed = seed_tensor(seed, x.device)
-    if any(_is_dtensor(t) for t in (x, weight, lora_A, lora_B)):
-        # Tensor-parallel layers (lorafuse.distributed styles): the same kernels on local shards.
-        from .distributed.sharded import sharded_lora_linear
+    return x, weight, bias, lora_A, lora_B, p, seed
 
-        return sharded_lora_linear(x, weight, bias, lora_A, lora_B, scaling=float(scaling), dropout_p=p, seed=seed)
+
+def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, training=True, seed=None):
+    """Fused LoRA linear: x @ W^T + b + scaling * (dropout(x) @ A^T) @ B^T.
+
+    x: (..., in_features); weight: (out_features, in_features), any strides; bias: (out_features,) or
+    None; lora_A: (r, in_features); lora_B: (out_features, r). Dropout applies only when `training`.
+    seed: an int or one-element int64 tensor fixing the dropout mask; None draws one from torch's
+    generator for x's device. Returns (..., out_features).
+    """
+    x, weight, bias, lora_A, lora_B, p, seed = prepare_call(x, weight, bias, lora_A, lora_B, dropout_p=dropout_p,
+                                                            training=training, seed=seed)
     leading = x.shape[:-1]
     with torch.autocast(x.device.type, enabled=False):
         y, _xa = torch.ops.lorafuse.lora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B, seed,
                                                  scaling=float(scaling), dropout_p=p)
-    return y.reshape(*leading, weight.shape[0])
+    if x.dim() == 2:
+        return y
+    # y is a fresh tensor that nothing else sees, so its (..., N) shape is given as torch.matmul gives a folded
+    # batch its shape: _unsafe_view shares the storage but is no view to autograd. A reshape would return a view
+    # of y, on which an in-place op (out += residual) skips the hooks of the tensor it views: FSDP2 warns
+    # about that, as its pre-backward hook sits on the module's output.
+    return torch.ops.aten._unsafe_view(y, (*leading, weight.shape[0]))

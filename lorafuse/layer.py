@@ -24,7 +24,12 @@ class FusedLoRALinear(nn.Module):
 
     fan_in_fan_out=True stores `weight` as (in_features, out_features), the layout of GPT-2's Conv1D;
     the kernels read it transposed through its strides, without a copy.
+
+    `lora_function` is the functional form the forward calls, `lorafuse.lora_linear`; the tensor-parallel
+    styles of lorafuse.distributed give their layers `sharded_lora_linear` (same signature) instead.
     """
+
+    lora_function = staticmethod(lora_linear)
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, lora_alpha=16.0, lora_dropout=0.0,
                  use_rslora=False, fan_in_fan_out=False, device=None, dtype=None):
@@ -159,8 +164,8 @@ class FusedLoRALinear(nn.Module):
             return F.linear(x, self.base_weight(), self.bias)
         if not self.adapter_enabled:
             return F.linear(x, self.base_weight(), self.bias)
-        return lora_linear(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, scaling=self.scaling,
-                           dropout_p=self.lora_dropout, training=self.training)
+        return self.lora_function(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, scaling=self.scaling,
+                                  dropout_p=self.lora_dropout, training=self.training)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

@@ -2,16 +2,19 @@
 result with merging, adapter files, a summary and a base-model-only mode."""
 
 import contextlib
+import os
 import warnings
-from typing import Iterator, List
+from typing import Iterator, List, Tuple
 
 import torch
 import torch.nn as nn
 
 from . import adapter_io
+from .adapter_fit import check_adapter_fits
 from .config import LoRAConfig
 from .layer import FusedLoRALinear
-from .summary import LoRASummary, summarize
+from .messages import listing
+from .summary import LoRASummary, count_parameters, summarize
 from .targeting import (
     extra_trainable_parameters,
     find_modules_to_save,
@@ -54,7 +57,7 @@ def _warn_hooks(model: nn.Module, targets: List[str]) -> None:
         if any(hooks) or "forward" in vars(module):
             hooked.append(repr(path))
     if hooked:
-        warnings.warn(f"{', '.join(hooked)} have hooks (forward, forward pre or backward) or a replaced forward, "
+        warnings.warn(f"{listing(hooked)} have hooks (forward, forward pre or backward) or a replaced forward, "
                       "which will not run: the FusedLoRALinear that replaces each is a new module. Register them "
                       "on the new layers after apply_lora", stacklevel=3)
 
@@ -82,8 +85,9 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     for path in targets:
         module = model.get_submodule(path)
         options = {
-            "r": pattern_value(config.rank_pattern, path, config.r),
-            "lora_alpha": pattern_value(config.alpha_pattern, path, config.lora_alpha),
+            "r": pattern_value(config.rank_pattern, path, config.r, source=config.source),
+            "lora_alpha": pattern_value(config.alpha_pattern, path, config.lora_alpha, field="alpha_pattern",
+                                        source=config.source),
             "lora_dropout": config.lora_dropout,
             "use_rslora": config.use_rslora,
         }
@@ -158,9 +162,17 @@ class LoRAModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, path, *, is_trainable: bool = False) -> "LoRAModel":
         """Apply the adapter saved in directory `path` (by lorafuse or PEFT) to `model`, with its own config.
         Unless `is_trainable`, the model is put in eval mode (dropout off) and the adapter's parameters are
-        frozen, as PEFT does for inference."""
-        lora_model = cls(model, adapter_io.read_adapter_config(path))
-        lora_model.load_adapter(path)
+        frozen, as PEFT does for inference.
+
+        The file's tensors are checked against the shapes its config gives (r, rank_pattern, each layer's
+        features) before any layer is built, so a config that disagrees with them fails at once, naming
+        the file, the key and both shapes."""
+        _check_model(model)
+        file_config, state_dict = adapter_io.read_adapter(path)
+        check_adapter_fits(model, file_config, state_dict,
+                           source=os.path.join(os.fspath(path), adapter_io.ADAPTER_WEIGHTS))
+        lora_model = cls(model, file_config)
+        adapter_io.load_adapter_state(lora_model.base_model, file_config, state_dict, config=file_config)
         if not is_trainable:
             lora_model.eval()
             for param in lora_model.trainable_parameters():
@@ -193,6 +205,17 @@ class LoRAModel(nn.Module):
     def print_summary(self, *, file=None) -> None:
         print(self.summary(), file=file)
 
+    def get_nb_trainable_parameters(self) -> Tuple[int, int]:
+        """(trainable, total) parameter counts, as PEFT's method of this name gives them."""
+        counts = count_parameters(self)
+        return counts.trainable, counts.total
+
+    def print_trainable_parameters(self, *, file=None) -> None:
+        """PEFT's one-line summary: "trainable params: X || all params: Y || trainable%: Z"."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: "
+              f"{100 * trainable / total:.4f}", file=file)
+
     def merge(self) -> "LoRAModel":
         """Fold every adapter into its base weight (faster inference; unmerge() before training again)."""
         for _, layer in self.lora_layers():
@@ -211,6 +234,14 @@ class LoRAModel(nn.Module):
     def save_adapter(self, path) -> None:
         """Write adapter_config.json and adapter_model.safetensors (PEFT's layout) into directory `path`."""
         adapter_io.save_adapter(self.base_model, path, config=self.lora_config)
+
+    def save_pretrained(self, save_directory, *, safe_serialization: bool = True) -> None:
+        """PEFT's meaning: save the adapter alone (save_adapter), not the base model, whose save_pretrained
+        this would otherwise reach through attribute lookup. Only safetensors are written."""
+        if safe_serialization is not True:
+            raise ValueError(f"safe_serialization={safe_serialization!r}: lorafuse writes adapters as safetensors "
+                             "only (pickle files can run code when loaded)")
+        self.save_adapter(save_directory)
 
     def load_adapter(self, path) -> None:
         """Load an adapter written by save_adapter or PEFT's save_pretrained into this model's layers."""

@@ -15,6 +15,8 @@ import torch.nn as nn
 
 from .config import ALL_LINEAR, LoRAConfig
 from .layer import FusedLoRALinear
+from .messages import listing
+from .patterns import full_match, suffix_match
 
 #: Default targets per architecture family: its attention projections, recognised by the layer names a
 #: model has. A family is chosen only when every one of its names matches a linear layer (a model with
@@ -96,18 +98,20 @@ def adaptable_names(model: nn.Module) -> List[str]:
             if name and unsupported_reason(module, _parent(model, name)) is None]
 
 
-def matches_names(names: Union[str, Sequence[str]], path: str) -> bool:
-    """PEFT's rule: a regex string must match the whole path; a list entry must equal the path or
-    end it after a dot."""
+def matches_names(names: Union[str, Sequence[str]], path: str, *, field: str = "target_modules",
+                  source: Optional[str] = None) -> bool:
+    """PEFT's rule: a regex string must match the whole path (within patterns.MATCH_SECONDS; `field` and
+    `source` name it in the error); a list entry must equal the path or end it after a dot."""
     if isinstance(names, str):
-        return re.fullmatch(names, path) is not None
+        return full_match(names, path, field=field, source=source)
     return any(path == name or path.endswith("." + name) for name in names)
 
 
 def layer_index(path: str, layers_pattern: Optional[Sequence[str]] = None) -> Optional[int]:
     """The block index in `path`: the first number that follows a named segment ("model.layers.3.mlp"
     → 3), or the number after one of `layers_pattern` ("h" in "transformer.h.3.attn")."""
-    # Lazy prefixes pick the first index, not a nested one such as an MoE expert's.
+    # Lazy prefixes pick the first index, not a nested one such as an MoE expert's. Plain `re` is safe here:
+    # the names are escaped, so no pattern from a file reaches it (those go through patterns.py).
     patterns = [re.escape(p) for p in layers_pattern] if layers_pattern else [r"[^.]+"]
     for pattern in patterns:
         match = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", path)
@@ -157,7 +161,7 @@ def describe_default_targets() -> str:
 
 def _describe(names: Iterable[str]) -> str:
     names = sorted(set(names))
-    return "[" + ", ".join(names) + "]" if names else "(the model has no nn.Linear or Conv1D layers)"
+    return "[" + listing(names) + "]" if names else "(the model has no nn.Linear or Conv1D layers)"
 
 
 def _in_layers(config: LoRAConfig, path: str) -> bool:
@@ -194,10 +198,11 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
         if targets == ALL_LINEAR:
             if path in heads or not is_linear_like(module):
                 continue
-        elif not matches_names(targets, path):
+        elif not matches_names(targets, path, source=config.source):
             continue
         unmatched -= {name for name in unmatched if matches_names((name,), path)}
-        if config.exclude_modules is not None and matches_names(config.exclude_modules, path):
+        if config.exclude_modules is not None and matches_names(config.exclude_modules, path, field="exclude_modules",
+                                                                source=config.source):
             continue
         if _matches_modules_to_save(config, path) or not _in_layers(config, path):
             continue
@@ -206,20 +211,20 @@ def find_targets(model: nn.Module, config: LoRAConfig) -> List[str]:
             skipped.append(_skipped_label(path, module))
             continue
         if reason is not None:
-            raise TypeError(f"target_modules={_show(config.target_modules)} matched {path!r}, a "
+            raise TypeError(f"target_modules={_show(config)} matched {path!r}, a "
                             f"{type(module).__name__}, which cannot take an adapter: {reason}")
         selected.append(path)
     if skipped:
         warnings.warn(f"{ALL_LINEAR} skipped {len(skipped)} linear layers that are not exactly nn.Linear or "
-                      f"transformers' Conv1D with a float16/bfloat16/float32/float64 weight: {', '.join(skipped)}",
+                      f"transformers' Conv1D with a float16/bfloat16/float32/float64 weight: {listing(skipped)}",
                       stacklevel=3)
     if not selected:
-        raise ValueError(f"target_modules={_show(config.target_modules)} matched no adaptable module "
+        raise ValueError(f"target_modules={_show(config)} matched no adaptable module "
                          f"(after exclude_modules, layers_to_transform and modules_to_save); the model's "
                          f"linear layer names are {_describe(n.rpartition('.')[2] for n in adaptable_names(model))}")
     if unmatched:
-        warnings.warn(f"target_modules entries {sorted(unmatched)} match no module of {type(model).__name__}",
-                      stacklevel=3)
+        warnings.warn(f"target_modules entries [{listing(map(repr, sorted(unmatched)))}] match no module of "
+                      f"{type(model).__name__}", stacklevel=3)
     return selected
 
 
@@ -239,14 +244,15 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig, *, warn: bool = F
             unmatched.append(name)
         found.extend(paths)
     top_level = _describe(n for n, _ in model.named_children())
+    unmatched_names = "[" + listing(map(repr, unmatched)) + "]"
     if unmatched and not config.from_adapter_file:
         raise ValueError(f"modules_to_save entry {unmatched[0]!r} matches no module of {type(model).__name__}; "
                          f"its top-level modules are {top_level}")
     if unmatched and not found:
-        raise ValueError(f"none of the adapter file's modules_to_save entries {unmatched} matches a module of "
-                         f"{type(model).__name__}; its top-level modules are {top_level}")
+        raise ValueError(f"none of the adapter file's modules_to_save entries {unmatched_names} matches "
+                         f"a module of {type(model).__name__}; its top-level modules are {top_level}")
     if unmatched and warn:
-        warnings.warn(f"modules_to_save entries {unmatched} of the adapter file match no module of "
+        warnings.warn(f"modules_to_save entries {unmatched_names} of the adapter file match no module of "
                       f"{type(model).__name__} and are ignored, as PEFT ignores them (a sequence-classification "
                       "adapter names both 'classifier' and 'score')", stacklevel=3)
     # Drop modules nested in another selected one: their parameters are already covered.
@@ -254,16 +260,21 @@ def find_modules_to_save(model: nn.Module, config: LoRAConfig, *, warn: bool = F
     return [path for path in found if not any(path.startswith(other + ".") for other in found)]
 
 
-def pattern_value(patterns: Dict[str, Union[int, float]], path: str, default):
-    """The value of the first key of `patterns` that matches the end of `path` (PEFT's rank_pattern rule)."""
+def pattern_value(patterns: Dict[str, Union[int, float]], path: str, default, *, field: str = "rank_pattern",
+                  source: Optional[str] = None):
+    """The value of the first key of `patterns` that matches the end of `path` (PEFT's rank_pattern rule),
+    each matched within patterns.MATCH_SECONDS (`field` and `source` name it in the error)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", path):
+        if suffix_match(key, path, field=f"{field} key", source=source):
             return value
     return default
 
 
-def _show(targets) -> str:
-    return repr(list(targets)) if isinstance(targets, tuple) else repr(targets)
+def _show(config: LoRAConfig) -> str:
+    """target_modules as a message shows it (capped: it may come from any file), and the file it came from."""
+    targets = config.target_modules
+    shown = "[" + listing(map(repr, targets)) + "]" if isinstance(targets, tuple) else repr(targets)[:200]
+    return shown + (f" (from {config.source})" if config.source else "")
 
 
 def lora_layers(model: nn.Module) -> List[Tuple[str, FusedLoRALinear]]:

@@ -15,6 +15,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+#: How close a distributed run must come to the same training on one process, both run in float64. The two
+#: add the same numbers in another order (per-rank partial sums, then an all-reduce; other GEMM blocking).
+#: In fp32 that alone moves the adapters after two SGD steps at lr=0.5 by up to 1.2e-5 on one CPU and 2.9e-5
+#: on another, so no fp32 tolerance is both safe and tight. In fp64 the same reordering moves them by about
+#: 3e-14 here; 1e-9 is far above that and far below any real fault (a missing, doubled or
+#: misscaled reduction moves them by 1e-3 or more).
+FP64_TOLERANCE = {"rtol": 1e-9, "atol": 1e-9}
+
 #: Per-collective limit inside the workers, so a missing peer raises instead of waiting 30 minutes.
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=90)
 

@@ -3,7 +3,11 @@
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import safetensors
@@ -12,6 +16,7 @@ import torch
 from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 
 from lorafuse import (
+    FusedLoRALinear,
     LoRAConfig,
     LoRAModel,
     adapter_io,
@@ -166,7 +171,7 @@ def test_corrupt_weights_are_rejected(tmp_path, damage):
     ("{not json", "adapter_config.json is not valid JSON"),
     ("[1, 2]", "must hold a JSON object, got list"),
     (json.dumps({"peft_type": "PREFIX_TUNING", "r": 4}), "peft_type='PREFIX_TUNING'; lorafuse loads LoRA adapters"),
-    (json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}), "uses use_dora, which lorafuse does not implement"),
+    (json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True}), "uses PEFT options .*: use_dora=True"),
     (json.dumps({"peft_type": "LORA"}), "has no 'r'"),
     (json.dumps({"peft_type": "LORA", "r": 0}), "adapter_config.json: r must be a positive int, got 0"),
     (json.dumps({"peft_type": "LORA", "r": 4, "bias": "some"}), "bias must be one of"),
@@ -291,14 +296,14 @@ def test_weights_record_the_hash_of_their_config(tmp_path):
 
 def test_a_save_interrupted_between_the_two_files_is_detected(tmp_path, monkeypatch):
     _adapted(config=LoRAConfig(r=4, target_modules=["q_proj", "v_proj"])).save_adapter(tmp_path)
-    real_write = adapter_io._atomic_write
+    real_write = adapter_io.atomic_write
 
     def write(file, content):
         if file.endswith(ADAPTER_CONFIG):
             raise KeyboardInterrupt  # killed after the new weights were renamed into place
         real_write(file, content)
 
-    monkeypatch.setattr(adapter_io, "_atomic_write", write)
+    monkeypatch.setattr(adapter_io, "atomic_write", write)
     with pytest.raises(KeyboardInterrupt):
         _adapted(config=LoRAConfig(r=4, target_modules=["q_proj", "k_proj"])).save_adapter(tmp_path)
     monkeypatch.undo()
@@ -323,3 +328,156 @@ def test_the_distributed_saver_and_loader_share_the_config_hash(tmp_path):
     other_config = LoRAConfig(r=4, target_modules=["q_proj", "k_proj"])
     with pytest.raises(ValueError, match="do not belong together"):
         distributed.load_adapter(get_lora_model(tiny_llama(), other_config), tmp_path, config=other_config)
+
+
+def test_lists_in_messages_are_capped_alike():
+    from lorafuse.messages import SHOWN, listing
+
+    assert listing([]) == "none"
+    assert listing(["a", "b"]) == "a, b"
+    assert listing(range(SHOWN + 5), separator="; ") == "; ".join(map(str, range(SHOWN))) + "; ... (5 more)"
+
+
+def test_a_file_naming_many_missing_modules_gets_a_capped_message():
+    from lorafuse.adapter_io import config_from_adapter_dict
+
+    # A hostile (or broken) file can hold any number of names; the message names twelve and counts the rest.
+    config = config_from_adapter_dict({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"],
+                                       "modules_to_save": [f"head_{i}" for i in range(1000)]})
+    with pytest.raises(ValueError, match=r"modules_to_save entries \['head_0', .*'head_11', \.\.\. \(988 more\)\] "
+                                         r"matches a module") as error:
+        get_lora_model(tiny_llama(), config)
+    assert len(str(error.value)) < 600
+
+
+def _write_with_config(directory, lora_model, **changes):
+    """lora_model's tensors beside an adapter_config.json with `changes` (the pair's hash recorded as usual)."""
+    from lorafuse.adapter_io import adapter_config_dict, write_adapter_files
+
+    config_dict = adapter_config_dict(lora_model.base_model, lora_model.lora_config)
+    write_adapter_files(directory, lora_state_dict(lora_model.base_model), {**config_dict, **changes})
+
+
+def _no_layer_may_be_built(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a FusedLoRALinear was built before the file's shapes were checked")
+
+    monkeypatch.setattr(FusedLoRALinear, "_init_lora", refuse)
+
+
+def test_a_config_whose_r_disagrees_with_its_tensors_fails_before_any_layer_is_built(tmp_path, monkeypatch):
+    _write_with_config(tmp_path, _adapted(), r=10**8)  # the tensors have r=4
+    _no_layer_may_be_built(monkeypatch)
+    with pytest.raises(ValueError, match=rf"{ADAPTER_WEIGHTS} does not fit LlamaForCausalLM .*before building any "
+                                         r"layer\): .*base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.lora_A"
+                                         r"\.weight: expected \(100000000, 32\), file has \(4, 32\); "):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_rank_pattern_and_missing_tensors_are_checked_before_any_layer_is_built(tmp_path, monkeypatch):
+    _write_with_config(tmp_path / "pattern", _adapted(), rank_pattern={"v_proj": 2})
+    source = _adapted(config=LoRAConfig(r=4, target_modules=["q_proj"]))
+    _write_with_config(tmp_path / "missing", source, target_modules=["q_proj", "k_proj"])
+    _no_layer_may_be_built(monkeypatch)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.v_proj\.lora_A\.weight: expected \(2, 32\), file "
+                                         r"has \(4, 32\); .*v_proj\.lora_B\.weight: expected \(16, 2\), file has "
+                                         r"\(16, 4\)"):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path / "pattern")
+    with pytest.raises(ValueError, match=r"missing keys: base_model\.model\.model\.layers\.0\.self_attn\.k_proj"
+                                         r"\.lora_A\.weight, "):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path / "missing")
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64])
+def test_tensors_that_are_not_floating_point_are_refused_by_name(tmp_path, dtype):
+    lora_model = _adapted()
+    state = lora_state_dict(lora_model.base_model)
+    key = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    state[key] = torch.ones(state[key].shape, dtype=dtype)
+    from lorafuse.adapter_io import adapter_config_dict, write_adapter_files
+
+    write_adapter_files(tmp_path, state, adapter_config_dict(lora_model.base_model, lora_model.lora_config))
+    message = rf"{ADAPTER_WEIGHTS}\['{key}'\] has dtype {dtype}; adapter tensors must be floating point"
+    with pytest.raises(TypeError, match=message):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path)
+    with pytest.raises(TypeError, match=message):
+        _adapted().load_adapter(tmp_path)
+    with pytest.raises(TypeError, match=rf"state_dict\['{key}'\] has dtype {dtype}"):
+        load_lora_state_dict(lora_model.base_model, state)
+
+
+def test_an_adapter_recorded_for_another_base_model_warns(tmp_path):
+    import warnings
+
+    source = _adapted()
+    source.config._name_or_path = "org/model-a"
+    source.save_adapter(tmp_path)
+    other = tiny_llama()
+    other.config._name_or_path = "org/model-b"
+    with pytest.warns(UserWarning, match=rf"{ADAPTER_CONFIG} records base model 'org/model-a', but the model it is "
+                                         r"loaded into is 'org/model-b'"):
+        LoRAModel.from_pretrained(other, tmp_path)
+    target = _adapted()
+    target.config._name_or_path = "org/model-b"
+    with pytest.warns(UserWarning, match="records base model 'org/model-a'"):
+        target.load_adapter(tmp_path)
+    # The same model under a local path, or a model that names none, loads without a word.
+    for name in ("/cache/models/org/model-a/", ""):
+        same = tiny_llama()
+        same.config._name_or_path = name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            LoRAModel.from_pretrained(same, tmp_path)
+
+
+def test_the_root_of_a_multi_adapter_directory_names_its_adapters(tmp_path):
+    _adapted().save_adapter(tmp_path / "sql")
+    _adapted().save_adapter(tmp_path / "chat")
+    (tmp_path / "logs").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_config.json; it holds adapters in the subfolders "
+                                                r"chat, sql: pass one of those directories \(e\.g\. '.*chat'\)"):
+        LoRAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def _save_killed_at_the_rename(directory):
+    """Run a save of a TinyLlama adapter into `directory` in a process that SIGKILLs itself at the rename of the
+    weights file, as the OOM killer or a scheduler would: no handler runs, its temporary file stays."""
+    tests = os.path.dirname(os.path.abspath(__file__))
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {tests!r})
+        from tiny_llama import build, lora_config
+        from lorafuse import adapter_io
+        os.replace = lambda src, dst: os.kill(os.getpid(), signal.SIGKILL)
+        adapter_io.save_adapter(build(), {str(directory)!r}, config=lora_config())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGKILL")
+def test_a_later_save_removes_the_temporary_files_of_a_killed_save(tmp_path):
+    from tiny_llama import build, lora_config
+
+    from lorafuse.atomic_files import TEMP_PREFIX
+
+    _save_killed_at_the_rename(tmp_path)
+    left = os.listdir(tmp_path)
+    assert len(left) == 1 and left[0].startswith(TEMP_PREFIX + ADAPTER_WEIGHTS), left
+    adapter_io.save_adapter(build(), tmp_path, config=lora_config())
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock")
+def test_a_save_leaves_the_temporary_file_of_a_save_still_running(tmp_path):
+    import fcntl
+
+    from lorafuse.atomic_files import TEMP_PREFIX
+
+    running = tmp_path / f"{TEMP_PREFIX}{ADAPTER_WEIGHTS}.0123456789abcdef"
+    with open(running, "wb") as writer:
+        fcntl.flock(writer.fileno(), fcntl.LOCK_EX)  # held as a live writer holds it
+        _adapted().save_adapter(tmp_path)
+        assert running.exists()
+    _adapted().save_adapter(tmp_path)  # its writer is gone now
+    assert sorted(os.listdir(tmp_path)) == [ADAPTER_CONFIG, ADAPTER_WEIGHTS]

@@ -124,3 +124,23 @@ def test_numeric_options_are_checked_by_the_parser(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(argv)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--json"])
+def test_output_paths_are_checked_before_the_benchmark_runs(tmp_path, flag, monkeypatch, capsys):
+    def never(*args, **kwargs):
+        raise AssertionError("the benchmark ran before its output path was checked")
+
+    monkeypatch.setattr("lorafuse.bench.cli.run", never)
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    bad = [str(a_file / "out.png"), str(tmp_path)] + (["/proc/x.png"] if os.path.isdir("/proc/self") else [])
+    for path in bad:
+        with pytest.raises(SystemExit) as exc:
+            main([*TINY, "--device", "cpu", flag, path])
+        assert exc.value.code == 2
+        assert f"argument {flag}: cannot write {path}: " in capsys.readouterr().err
+    # A folder that does not exist yet is created when the results are written.
+    from lorafuse.bench.cli import unwritable
+
+    assert unwritable(tmp_path / "new" / "deeper" / "b.png") is None and not (tmp_path / "new").exists()

@@ -99,9 +99,47 @@ def test_argparse_options_reach_the_config():
     assert LoRAConfig.from_args(_parse(["--lora-target-modules", "all-linear"])).target_modules == "all-linear"
 
 
-def test_argparse_bad_values_are_reported_by_the_config():
-    with pytest.raises(ValueError, match="r must be a positive int, got -2"):
-        LoRAConfig.from_args(_parse(["--lora-r", "-2"]))
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--lora-r", "0"], "argument --lora-r: must be a positive integer, got '0'"),
+    (["--lora-r", "-2"], "argument --lora-r: must be a positive integer, got '-2'"),
+    (["--lora-dropout", "1.5"], "argument --lora-dropout: must be in [0, 1), got '1.5'"),
+    (["--lora-alpha", "nan"], "argument --lora-alpha/--lora_alpha: must be finite, got 'nan'"),
+    (["--lora_alpha", "0"], "argument --lora-alpha/--lora_alpha: must be a positive number, got '0'"),
+    (["--lora_rank", "-1"], "argument --lora_rank: must be a non-negative integer, got '-1'"),
+    (["--lora-target-modules", "all-linear", "q_proj"],
+     "argument --lora-target-modules/--lora_target_modules: 'all-linear' stands for every linear layer and cannot be "
+     "combined with other names, got 'all-linear q_proj'"),
+    (["--lora_target_modules", "q_proj,all-linear"], "cannot be combined with other names"),
+])
+def test_argparse_bad_values_are_parser_errors_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(argv)
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_from_args_refuses_all_linear_beside_other_names():
+    args = _parse([])
+    args.lora_target_modules = ["all-linear", "q_proj"]  # a namespace built without the parser's check
+    with pytest.raises(ValueError, match="lora_target_modules: 'all-linear' stands for every linear layer"):
+        LoRAConfig.from_args(args)
+
+
+def test_slime_command_line_is_accepted():
+    args = _parse("--use-lora --lora-r 8 --lora-alpha 16.0 --lora-dropout 0.1 --lora-only-trainable".split())
+    assert args.use_lora and args.lora_only_trainable
+    assert LoRAConfig.from_args(args) == LoRAConfig(r=8, lora_alpha=16.0, lora_dropout=0.1)
+
+
+def test_infinitrain_command_line_is_accepted():
+    args = _parse(["--lora_rank", "8", "--lora_alpha", "16", "--lora_target_modules", "c_attn,attn.c_proj",
+                   "--lora_load_path", "in", "--lora_save_path", "out"])
+    assert args.use_lora and args.lora_load_path == "in" and args.lora_save_path == "out"
+    assert LoRAConfig.from_args(args) == LoRAConfig(r=8, lora_alpha=16.0, target_modules=["c_attn", "attn.c_proj"])
+    assert _parse(["--lora_rank=4"]).lora_r == 4
+    # InfiniTrain's default rank 0 means "no LoRA".
+    off = _parse(["--lora_rank", "0", "--lora_alpha", "16"])
+    assert off.use_lora is False and off.lora_r == 8
+    assert _parse(["--use-lora", "--lora_rank", "0"]).use_lora is False
 
 
 def test_from_args_without_the_lora_arguments_says_how_to_add_them():

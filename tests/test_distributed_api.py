@@ -1,5 +1,7 @@
 """Argument checking of lorafuse.distributed, in one process (a world of one gloo rank where a mesh is needed)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,7 +13,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import Replicate, distribute_tensor
 from torch.distributed.tensor.parallel import parallelize_module
 
-from lorafuse import FusedLoRALinear, lora_linear, lora_state_dict
+from lorafuse import FusedLoRALinear, lora_state_dict
 from lorafuse.distributed import (
     ColwiseLoRAParallel,
     RowwiseLoRAParallel,
@@ -20,6 +22,7 @@ from lorafuse.distributed import (
     gather_lora_state_dict,
     shard_lora_model,
 )
+from lorafuse.distributed.sharded import sharded_lora_linear
 
 
 @pytest.fixture
@@ -49,14 +52,15 @@ def test_styles_check_their_module_mesh_and_options(mesh):
 def test_dtensor_parameters_need_a_dtensor_input_and_a_known_layout(mesh):
     layer = parallelize_module(FusedLoRALinear(4, 6, r=2), mesh, ColwiseLoRAParallel())
     x = torch.randn(3, 4)
+    assert layer.lora_function is sharded_lora_linear  # set by the style
     with pytest.raises(TypeError, match="x is a plain tensor but the layer's parameters are column-parallel"):
-        lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, scaling=1.0)
+        sharded_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B, scaling=1.0)
     assert layer(x).shape == (3, 6)  # through the style's input hook it works
     everything_replicated = distribute_tensor(layer.lora_B.full_tensor().detach(), mesh, [Replicate()])
     with pytest.raises(ValueError, match="expected column-parallel"):
-        lora_linear(x, layer.weight, layer.bias, layer.lora_A, everything_replicated, scaling=1.0)
+        sharded_lora_linear(x, layer.weight, layer.bias, layer.lora_A, everything_replicated, scaling=1.0)
     with pytest.raises(TypeError, match="lora_B is a plain Tensor while other LoRA parameters are DTensors"):
-        lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B.full_tensor(), scaling=1.0)
+        sharded_lora_linear(x, layer.weight, layer.bias, layer.lora_A, layer.lora_B.full_tensor(), scaling=1.0)
 
 
 def test_shard_lora_model_checks_its_arguments(mesh):
@@ -80,7 +84,7 @@ def test_state_dict_round_trip_and_errors_on_an_unsharded_model():
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
     key = next(iter(state))
-    with pytest.raises(KeyError, match=f"missing \\[{key}"):
+    with pytest.raises(KeyError, match=f"missing keys: {key}; unexpected keys: none"):
         distribute_lora_state_dict(target, {k: v for k, v in state.items() if k != key})
     result = distribute_lora_state_dict(target, {k: v for k, v in state.items() if k != key}, strict=False)
     assert result.missing_keys == [key]
@@ -101,3 +105,25 @@ def test_loading_into_a_meta_model_is_refused():
     meta_model = build().to("meta")
     with pytest.raises(ValueError, match="on the meta device"):
         distribute_lora_state_dict(meta_model, state)
+
+
+def test_missing_keys_are_listed_as_the_single_device_loader_lists_them():
+    state = gather_lora_state_dict(build())
+    kept = dict(list(state.items())[:2])
+    with pytest.raises(KeyError, match=r"missing keys: .*, \.\.\. \(14 more\); unexpected keys: none"):
+        distribute_lora_state_dict(build(seed=99), kept)
+
+
+def test_fsdp2_sees_an_output_that_is_no_view(mesh):
+    # FSDP2 hooks its pre-backward on the module's output and warns when that output is a view: an in-place op on
+    # it (out += residual) would skip the hook. The fused layer's output is a fresh tensor for any input rank.
+    layer = fully_shard(FusedLoRALinear(8, 6, r=2), mesh=mesh)
+    for shape in [(5, 8), (2, 3, 8), (8,)]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = layer(torch.randn(shape))
+        assert not [w for w in caught if "returned a view tensor" in str(w.message)], shape
+        assert y._base is None and y.shape == (*shape[:-1], 6)
+        y += 1.0  # in place, as a residual add would be
+        y.sum().backward()
+        assert layer.lora_B.grad is not None

@@ -155,3 +155,22 @@ def test_training_step_updates_only_the_adapter(device):
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0]
     assert torch.equal(layer.weight, frozen)
+
+
+@pytest.mark.parametrize("shape", [(5, 8), (2, 3, 8), (8,)])
+def test_output_is_a_fresh_tensor_not_a_view(device, shape):
+    # Not a view of the kernel's (M, N) output: in-place ops on it behave as on any new tensor (FSDP2 relies on it).
+    layer = FusedLoRALinear(8, 6, r=2, device=device)
+    nn.init.normal_(layer.lora_B)
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = layer(x)
+    assert y._base is None and y.shape == (*shape[:-1], 6)
+    (y * 2).sum().backward()
+    expected = [t.grad.clone() for t in (x, layer.lora_A, layer.lora_B)]
+    for t in (x, layer.lora_A, layer.lora_B):
+        t.grad = None
+    y = layer(x)
+    y.mul_(2)
+    y.sum().backward()
+    for actual, wanted in zip((x.grad, layer.lora_A.grad, layer.lora_B.grad), expected):
+        torch.testing.assert_close(actual, wanted)

@@ -1,8 +1,11 @@
 """apply_lora / LoRAModel: injection, freezing, counts, merging, unloading, the base-model-only mode."""
 
+import contextlib
 import io
+import os
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn as nn
 from tiny_models import logits, randomize_adapters, tiny_gpt2, tiny_llama, tiny_megatron, token_batch
@@ -17,6 +20,7 @@ from lorafuse import (
     freeze_base,
     get_lora_model,
     lora_parameters,
+    lora_state_dict,
 )
 from lorafuse.targeting import lora_layers
 
@@ -246,3 +250,59 @@ def test_hooks_on_a_replaced_layer_warn_that_they_will_not_run():
     with pytest.warns(UserWarning, match=r"'0', '1' have hooks .* will not run"):
         apply_lora(model, LoRAConfig(r=2, target_modules=["0", "1", "2"]))
     assert len(lora_layers(model)) == 3
+
+
+def test_save_pretrained_saves_the_adapter_only_as_peft_does(tmp_path):
+    lora_model = get_lora_model(tiny_llama(), LoRAConfig(r=4))
+    randomize_adapters(lora_model)
+    lora_model.save_pretrained(tmp_path / "pretrained")
+    lora_model.save_adapter(tmp_path / "adapter")
+    assert sorted(os.listdir(tmp_path / "pretrained")) == ["adapter_config.json", "adapter_model.safetensors"]
+    config_text = (tmp_path / "adapter" / "adapter_config.json").read_text()
+    assert (tmp_path / "pretrained" / "adapter_config.json").read_text() == config_text
+    saved = safetensors.torch.load_file(tmp_path / "pretrained" / "adapter_model.safetensors")
+    torch.testing.assert_close(saved, lora_state_dict(lora_model.base_model), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="safe_serialization=False: lorafuse writes adapters as safetensors only"):
+        lora_model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+
+
+def test_print_trainable_parameters_prints_peft_line():
+    from peft import LoraConfig, get_peft_model
+
+    lora_model = get_lora_model(tiny_llama(), LoRAConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ours, theirs = io.StringIO(), io.StringIO()
+    lora_model.print_trainable_parameters(file=ours)
+    with contextlib.redirect_stdout(theirs):
+        peft_model.print_trainable_parameters()
+    assert ours.getvalue() == theirs.getvalue()
+    # Per block: q_proj 4 * (32 + 32), v_proj 4 * (32 + 16) (two KV heads of 8).
+    assert ours.getvalue().startswith(f"trainable params: {2 * (256 + 192)} || all params: ")
+    assert lora_model.get_nb_trainable_parameters() == peft_model.get_nb_trainable_parameters()
+
+
+def _ulp(t: torch.Tensor) -> torch.Tensor:
+    """One unit in the last place of each element of `t` (in its dtype), as float32."""
+    mantissa_bits = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24}[t.dtype]
+    exponent = torch.frexp(t.abs().float())[1]
+    return torch.ldexp(torch.ones_like(exponent, dtype=torch.float32), exponent - mantissa_bits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_disable_adapter_on_a_merged_low_precision_model_restores_weights_up_to_one_ulp(dtype):
+    # What docs/model_api.md states: exact when unmerged; merged, one unit in the last place of the larger of
+    # |W| and |W + delta|, which is not exact (the docs once said "exactly the base model's").
+    lora_model = get_lora_model(tiny_llama().to(dtype), LoRAConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(lora_model)
+    layers = [layer for _, layer in lora_model.lora_layers()]
+    base = [layer.base_weight().detach().clone() for layer in layers]
+    with lora_model.disable_adapter():
+        assert all(torch.equal(layer.base_weight(), w) for layer, w in zip(layers, base))
+    lora_model.merge()
+    merged = [layer.base_weight().detach().clone() for layer in layers]
+    with lora_model.disable_adapter():
+        restored = [layer.base_weight().detach().clone() for layer in layers]
+    for w, w_merged, w_restored in zip(base, merged, restored):
+        bound = _ulp(torch.maximum(w.abs(), w_merged.abs()))
+        assert ((w_restored.float() - w.float()).abs() <= bound).all()
+    assert not all(torch.equal(w, w_restored) for w, w_restored in zip(base, restored))

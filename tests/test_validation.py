@@ -122,3 +122,12 @@ def test_launcher_validates_too(device):
     with pytest.raises(TypeError, match="seed must be an int or a one-element int64 tensor, got float 1.5"):
         lora_forward(x, torch.randn(4, 8, device=device), None, torch.randn(2, 8, device=device),
                      torch.randn(4, 2, device=device), scaling=1.0, dropout_p=0.1, seed=1.5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_meta_input_with_cpu_weights_names_the_devices(autocast):
+    layer = FusedLoRALinear(8, 4, r=2)
+    x = torch.randn(2, 8, device="meta")
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with pytest.raises(ValueError, match=r"weight is on cpu but x is on meta; they must be on one device"):
+            layer(x)

@@ -88,9 +88,10 @@ class TinyLlama(nn.Module):
 
 
 def loss_fn(model, tokens):
-    """Next-token cross entropy, averaged over the tokens."""
+    """Next-token cross entropy, averaged over the tokens, in fp32 at least (fp64 models keep fp64)."""
     logits = model(tokens[:, :-1])
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
 def lora_config(*, targets=ATTENTION + MLP, r=4, lora_alpha=8.0, lora_dropout=0.0):
@@ -109,10 +110,11 @@ def adapt(model, *, seed=7, **options):
     return model
 
 
-def build(*, layers=2, base_seed=0, **lora):
-    """A TinyLlama with base weights from `base_seed`, adapted with `lora` options (see `adapt`)."""
+def build(*, layers=2, base_seed=0, dtype=torch.float32, **lora):
+    """A TinyLlama with base weights from `base_seed`, adapted with `lora` options (see `adapt`), in `dtype`
+    (the fp32 values, converted exactly to fp64)."""
     torch.manual_seed(base_seed)
-    return adapt(TinyLlama(layers), **lora)
+    return adapt(TinyLlama(layers), **lora).to(dtype)
 
 
 def tokens(batch, seq, *, seed=1):

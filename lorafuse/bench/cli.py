@@ -1,11 +1,14 @@
 """`python -m lorafuse.bench` / `lorafuse-bench`: parse options, run, print the table, write JSON and a plot."""
 
 import argparse
-import math
 import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
 
 import torch
 
+from ..argtypes import dropout_probability, non_negative_int, positive_float, positive_int
 from ..inspect.estimate import MACHINES
 from . import environment
 from .providers import PROVIDERS
@@ -23,47 +26,6 @@ _ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _DEFAULTS = {"cuda": (["llama-7b"], 8192, "bfloat16"), "cpu": (["small"], 512, "float32")}
 
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _non_negative_int(text):
-    if text.isdigit():
-        return int(text)
-    raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-
-
-def _finite_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    return value
-
-
-def _positive_float(text):
-    value = _finite_float(text)
-    if value <= 0:
-        # alpha 0 silences the adapter (scaling 0) and a negative one flips it: neither is a LoRA layer.
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
-def _dropout(text):
-    value = _finite_float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lorafuse.bench",
@@ -72,13 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
                         help=f"presets ({', '.join(PRESETS)}; M is --tokens) or M,K,N triples "
                              "(default: llama-7b on a GPU, small on a CPU)")
-    parser.add_argument("--tokens", type=_positive_int,
+    parser.add_argument("--tokens", type=positive_int,
                         help="M for presets: batch x sequence (default 8192 on a GPU, 512 on a CPU)")
-    parser.add_argument("--rank", type=_positive_int, nargs="+", metavar="R",
+    parser.add_argument("--rank", type=positive_int, nargs="+", metavar="R",
                         help="LoRA rank r (default 16; several only with --static)")
-    parser.add_argument("--alpha", type=_positive_float, default=32.0,
+    parser.add_argument("--alpha", type=positive_float, default=32.0,
                         help="lora_alpha > 0; scaling is alpha / r (default 32)")
-    parser.add_argument("--dropout", type=_dropout, nargs="+", metavar="P",
+    parser.add_argument("--dropout", type=dropout_probability, nargs="+", metavar="P",
                         help="lora_dropout in [0, 1) (default 0, and 0.1 with --static; several only with --static)")
     parser.add_argument("--dtype", choices=sorted(_DTYPES) + sorted(_ALIASES),
                         help="default bfloat16 on a GPU and with --static, float32 on a CPU")
@@ -88,11 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, default=list(PROVIDERS), metavar="NAME",
                         help=f"any of {', '.join(PROVIDERS)} (default: all)")
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default cuda when available")
-    parser.add_argument("--warmup", type=_non_negative_int, default=2,
+    parser.add_argument("--warmup", type=non_negative_int, default=2,
                         help="CPU: untimed calls before timing (default 2); a GPU uses do_bench's 25 ms")
-    parser.add_argument("--repeats", type=_positive_int, default=10,
+    parser.add_argument("--repeats", type=positive_int, default=10,
                         help="CPU: timed calls (default 10); a GPU uses do_bench's 100 ms")
-    parser.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the weights and inputs")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the weights and inputs")
     parser.add_argument("--json", metavar="PATH", help="write every measurement, environment and config as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of time and memory")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -113,6 +75,32 @@ def _one(values, default, option, parser):
     if len(values) > 1:
         parser.error(f"{option}: one value unless --static, got {len(values)}")
     return values[0]
+
+
+def unwritable(path) -> Optional[str]:
+    """Why `path` cannot be written, or None when it can: tested before the benchmark runs (minutes on a GPU
+    grid), leaving no file behind. Missing parent folders are fine where they can be created."""
+    path = Path(path)
+    if path.is_dir():
+        return "it is a directory"
+    if path.exists():
+        try:
+            with open(path, "ab"):  # for writing, without truncating what is there
+                pass
+        except OSError as err:
+            return str(err)
+        return None
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=ancestor):
+            pass
+    except OSError as err:
+        return f"no file can be created in {ancestor}: {err}"
+    return None
 
 
 def config_from_args(args, parser) -> Config:
@@ -173,6 +161,10 @@ def main(argv=None) -> int:
     """Run the benchmark; 0 when every provider that could run agreed with the oracle, 1 otherwise."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        problem = path and unwritable(path)
+        if problem:
+            parser.error(f"argument {flag}: cannot write {path}: {problem}")
     if args.static:
         return run_static_from_args(args, parser)
     config = config_from_args(args, parser)

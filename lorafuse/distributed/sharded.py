@@ -1,7 +1,8 @@
 """The fused LoRA linear on tensor-parallel shards: DTensor parameters in, plain local tensors to the kernel.
 
-`lora_linear` sends a call here when its parameters are DTensors, as `ColwiseLoRAParallel` and
-`RowwiseLoRAParallel` leave them. Two layouts are understood (W is the (N, K) base weight):
+`ColwiseLoRAParallel` and `RowwiseLoRAParallel` make this the `lora_function` of the layers they shard, so
+their forward comes here with DTensor parameters; it calls `lorafuse.lora_linear` on each rank's local
+tensors (the core knows nothing of DTensor). Two layouts are understood (W is the (N, K) base weight):
 
 Column-parallel: W, B and the bias are split on N, A is replicated, x arrives replicated.
     y_local = x @ W_local^T + b_local + s * (dropout(x) @ A^T) @ B_local^T        no forward collective
@@ -32,6 +33,8 @@ split that leaves a rank no input feature is refused (the kernel takes no empty 
 
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
+from ..function import lora_linear, prepare_call
+from ..messages import listing
 from .collectives import all_reduce_in_backward
 
 #: Placements (W, A, B, bias) per layout, each on a 1-D tensor-parallel mesh.
@@ -61,8 +64,8 @@ def check_row_split(layer: str, in_features: int, world: int) -> None:
     empty = [rank for rank in range(world) if shard_size(in_features, world, rank) == 0]
     if empty:
         raise ValueError(f"row-parallel {layer} cannot split in_features={in_features} over {world} tensor-parallel "
-                         f"ranks: DTensor gives {-(-in_features // world)} per rank and leaves rank(s) {empty} none; "
-                         f"use fewer ranks or column-parallel for this layer")
+                         f"ranks: DTensor gives {-(-in_features // world)} per rank and leaves rank(s) "
+                         f"[{listing(empty)}] none; use fewer ranks or column-parallel for this layer")
 
 
 def contiguous_strides(shape) -> tuple:
@@ -117,12 +120,14 @@ def _expect_input(x, placement, layout, in_features):
                          f"{in_features}; build a feature-sharded input with DTensor.from_local(..., shape=...)")
 
 
-def sharded_lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
-    """`lora_linear` over DTensors of a column- or row-parallel layer. Returns a DTensor: (..., N) with
-    placement Shard(-1) (column), Partial (row, no bias) or Replicate (row, with bias)."""
-    from ..function import lora_linear
-
+def sharded_lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, training=True, seed=None):
+    """`lora_linear` (same arguments) over DTensors of a column- or row-parallel layer. Returns a DTensor:
+    (..., N) with placement Shard(-1) (column), Partial (row, no bias) or Replicate (row, with bias)."""
     layout = layout_of(weight, bias, lora_A, lora_B)
+    # lora_linear's own checks, autocast and seed, once for the whole layer: every rank then uses this seed.
+    x, weight, bias, lora_A, lora_B, dropout_p, seed = prepare_call(x, weight, bias, lora_A, lora_B,
+                                                                    dropout_p=dropout_p, training=training, seed=seed)
+    scaling = float(scaling)
     mesh = weight.device_mesh
     group = mesh.get_group()
     last = x.dim() - 1

@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from .. import adapter_io
 from ..adapter_io import ADAPTER_CONFIG, PEFT_PREFIX, LoadResult, lora_state_dict
 from ..config import LoRAConfig
+from ..messages import listing
 from ..model import LoRAModel
 from ..targeting import lora_layers
 
@@ -76,13 +77,14 @@ def distribute_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Ten
     missing = sorted(targets.keys() - incoming.keys())
     unexpected = sorted(incoming.keys() - targets.keys())
     if strict and (missing or unexpected):
-        raise KeyError(f"adapter state dict does not fit the model: missing {_short(missing)}, "
-                       f"unexpected {_short(unexpected)}")
+        raise KeyError(f"adapter state dict does not fit the model: missing keys: {listing(missing)}; "
+                       f"unexpected keys: {listing(unexpected)}")
     shared = [key for key in targets if key in incoming]
     wrong = [f"{key}: given {tuple(incoming[key].shape)}, model {tuple(targets[key].shape)}"
              for key in shared if incoming[key].shape != targets[key].shape]
     if wrong:
-        raise ValueError("adapter shapes do not match the model (another r or base model?): " + "; ".join(wrong))
+        raise ValueError("adapter shapes do not match the model (another r or base model?): "
+                         + listing(wrong, separator="; "))
     adapter_io.check_not_on_meta({key: targets[key] for key in shared})
     for key in shared:
         target = targets[key]
@@ -119,10 +121,7 @@ def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     and keeps its own shards. Raises as the single-device loader does (files that do not belong together,
     keys, shapes, scaling)."""
     file_config, state_dict = adapter_io.read_adapter(path)  # also refuses files that do not belong together
+    adapter_io.warn_if_other_base_model(unwrap(model), file_config)
     adapter_io.check_adapter_scaling(unwrap(model), file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
     distribute_lora_state_dict(model, state_dict, strict=True, config=config)
 
-
-def _short(keys, limit: int = 5) -> str:
-    shown = ", ".join(keys[:limit]) + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
-    return f"[{shown}]" if keys else "none"

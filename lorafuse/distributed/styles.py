@@ -1,8 +1,9 @@
 """Tensor-parallel styles for `FusedLoRALinear`, used with `torch.distributed.tensor.parallel.parallelize_module`.
 
 They place the parameters as DTensors (so state dicts, DCP checkpoints, optimizers and FSDP2 see ordinary
-DTensor parameters) and annotate the module's input and output like torch's ColwiseParallel and
-RowwiseParallel; the forward itself runs the fused kernel on local shards (lorafuse/distributed/sharded.py).
+DTensor parameters), annotate the module's input and output like torch's ColwiseParallel and
+RowwiseParallel, and make `sharded_lora_linear` the layer's `lora_function`: its forward runs the fused
+kernel on local shards (lorafuse/distributed/sharded.py).
 
     plan = {"attn.q_proj": ColwiseLoRAParallel(), "attn.o_proj": RowwiseLoRAParallel(), ...}
     parallelize_module(block, tp_mesh, plan)
@@ -16,7 +17,7 @@ from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
 from ..layer import FusedLoRALinear
-from .sharded import LAYOUTS, check_row_split, contiguous_strides, normalized, shard_size
+from .sharded import LAYOUTS, check_row_split, contiguous_strides, normalized, shard_size, sharded_lora_linear
 
 
 def _check_module(module, style):
@@ -50,6 +51,7 @@ def _partition(placements, src_data_rank, name, module, device_mesh):
                              f"style before fully_shard, and only once")
         dist_param = distribute_tensor(param, device_mesh, [placements[param_name]], src_data_rank=src_data_rank)
         module.register_parameter(param_name, nn.Parameter(dist_param, requires_grad=param.requires_grad))
+    module.lora_function = sharded_lora_linear
 
 
 def _input_dtensor(x, input_layout, module, device_mesh):

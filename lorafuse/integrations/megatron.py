@@ -225,9 +225,10 @@ def _wrap_chunk(chunk: nn.Module, config: LoRAConfig) -> List[str]:
     targets = _targets(config)
     wrapped = []
     for path, module in list(chunk.named_modules()):
-        if not path or not matches_names(targets, path):
+        if not path or not matches_names(targets, path, source=config.source):
             continue
-        if config.exclude_modules is not None and matches_names(config.exclude_modules, path):
+        if config.exclude_modules is not None and matches_names(config.exclude_modules, path, field="exclude_modules",
+                                                                source=config.source):
             continue
         if config.layers_to_transform is not None and layer_index(path, config.layers_pattern) not in \
                 config.layers_to_transform:
@@ -237,8 +238,9 @@ def _wrap_chunk(chunk: nn.Module, config: LoRAConfig) -> List[str]:
         if parallel_mode(module) is None:
             raise TypeError(f"target {path!r} is a {type(module).__name__}, not a Megatron Column/RowParallelLinear "
                             f"(Transformer Engine specs are not supported: build the model with the local spec)")
-        layer = MegatronLoRALinear(module, r=pattern_value(config.rank_pattern, path, config.r),
-                                   lora_alpha=pattern_value(config.alpha_pattern, path, config.lora_alpha),
+        layer = MegatronLoRALinear(module, r=pattern_value(config.rank_pattern, path, config.r, source=config.source),
+                                   lora_alpha=pattern_value(config.alpha_pattern, path, config.lora_alpha,
+                                                            field="alpha_pattern", source=config.source),
                                    lora_dropout=config.lora_dropout, use_rslora=config.use_rslora)
         parent, _, name = path.rpartition(".")
         setattr(chunk.get_submodule(parent) if parent else chunk, name, layer)
