@@ -44,13 +44,13 @@ def seed_tensor(seed, device) -> torch.Tensor:
     return torch.tensor([seed], dtype=torch.int64, device=device)
 
 
-def check_adapter_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype, *, name: str) -> None:
+def check_adapter_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype, *, name: str, base: str = "x") -> None:
     """Adapters take x's dtype, or float32 on a float16/bfloat16 model (PEFT's default: Adam steps on
-    half-precision adapters lose most of their low bits)."""
+    half-precision adapters lose most of their low bits). `base` names what x_dtype belongs to."""
     if adapter_dtype == x_dtype or (adapter_dtype == torch.float32 and x_dtype in (torch.float16, torch.bfloat16)):
         return
     allowed = f"{x_dtype}" + (" or torch.float32" if x_dtype in (torch.float16, torch.bfloat16) else "")
-    raise TypeError(f"{name} has dtype {adapter_dtype} but x has dtype {x_dtype}; adapters must be {allowed}")
+    raise TypeError(f"{name} has dtype {adapter_dtype} but {base} has dtype {x_dtype}; adapters must be {allowed}")
 
 
 def check_same_device(x, weight, bias, lora_A, lora_B) -> None:
@@ -64,6 +64,29 @@ def check_same_device(x, weight, bias, lora_A, lora_B) -> None:
     for name, tensor in named.items():
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; they must be on one device")
+
+
+#: Spellings `adapter_dtype` accepts: "auto" (PEFT's default), "base", or a dtype name.
+ADAPTER_DTYPE_CHOICES = ("auto", "base", "float32", "float16", "bfloat16", "float64")
+
+
+def resolve_adapter_dtype(adapter_dtype, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of lora_A / lora_B on a base weight of `weight_dtype`.
+
+    "auto": float32 on a float16/bfloat16 base, else the base's dtype (PEFT's autocast_adapter_dtype=True:
+    Adam steps on half-precision adapters lose most of their low bits). "base": the base's dtype. A dtype (or
+    its name) must be the base's, or float32 on a half-precision base.
+    """
+    if adapter_dtype == "auto":
+        return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+    if adapter_dtype == "base":
+        return weight_dtype
+    dtype = getattr(torch, adapter_dtype, None) if isinstance(adapter_dtype, str) else adapter_dtype
+    if not isinstance(dtype, torch.dtype) or dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"adapter_dtype must be one of {', '.join(map(repr, ADAPTER_DTYPE_CHOICES))} or a float "
+                         f"torch.dtype, got {adapter_dtype!r}")
+    check_adapter_dtype(weight_dtype, dtype, name="adapter_dtype", base="the base weight")
+    return dtype
 
 
 def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:

@@ -58,6 +58,9 @@ def add_lora_arguments(parser):
                             "the attention projections of the first family whose names the model has all of: "
                             f"{describe_default_targets()}")
     group.add_argument("--lora-use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+    group.add_argument("--lora-adapter-dtype", choices=("auto", "base", "float32"), default="auto",
+                       help="dtype of lora_A / lora_B: auto (PEFT's default) is float32 on float16/bfloat16 "
+                            "layers and the layer's dtype otherwise; base is always the layer's")
     group.add_argument("--lora-save-path", "--lora_save_path", default=None, metavar="DIR",
                        help="directory to save the adapter in")
     group.add_argument("--lora-load-path", "--lora_load_path", default=None, metavar="DIR",

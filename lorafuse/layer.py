@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import check_dropout, check_positive_number, check_rank
+from .checks import check_dropout, check_positive_number, check_rank, resolve_adapter_dtype
 from .function import lora_linear
 
 
@@ -20,7 +20,9 @@ class FusedLoRALinear(nn.Module):
 
     x: (..., in_features) -> (..., out_features). Parameters: `weight` (out_features, in_features) and
     `bias` (out_features,) as in nn.Linear, frozen by default; `lora_A` (r, in_features), Kaiming-uniform;
-    `lora_B` (out_features, r), zeros, so a new layer equals its base.
+    `lora_B` (out_features, r), zeros, so a new layer equals its base. adapter_dtype: lora_A and lora_B's
+    dtype; "auto" (the default, PEFT's) is float32 on a float16/bfloat16 base and the base's dtype otherwise,
+    "base" always the base's; the kernels read x and W in their own dtype either way.
 
     fan_in_fan_out=True stores `weight` as (in_features, out_features), the layout of GPT-2's Conv1D;
     the kernels read it transposed through its strides, without a copy.
@@ -32,7 +34,7 @@ class FusedLoRALinear(nn.Module):
     lora_function = staticmethod(lora_linear)
 
     def __init__(self, in_features, out_features, bias=True, *, r=8, lora_alpha=16.0, lora_dropout=0.0,
-                 use_rslora=False, fan_in_fan_out=False, device=None, dtype=None):
+                 use_rslora=False, fan_in_fan_out=False, adapter_dtype="auto", device=None, dtype=None):
         super().__init__()
         for name, value in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -42,7 +44,8 @@ class FusedLoRALinear(nn.Module):
         weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         bias_param = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self._init_base(in_features, out_features, weight, bias_param, fan_in_fan_out)
-        self._init_lora(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+        self._init_lora(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                        adapter_dtype=adapter_dtype)
         self.reset_base_parameters()
 
     def _init_base(self, in_features, out_features, weight, bias, fan_in_fan_out):
@@ -52,7 +55,7 @@ class FusedLoRALinear(nn.Module):
         self.weight = weight
         self.register_parameter("bias", bias)
 
-    def _init_lora(self, *, r, lora_alpha, lora_dropout, use_rslora):
+    def _init_lora(self, *, r, lora_alpha, lora_dropout, use_rslora, adapter_dtype="auto"):
         check_rank(r)
         check_positive_number("lora_alpha", lora_alpha)
         check_dropout(lora_dropout)
@@ -63,21 +66,24 @@ class FusedLoRALinear(nn.Module):
         self.merged = False
         #: False runs the base layer alone (LoRAModel.disable_adapter).
         self.adapter_enabled = True
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        factory = {"device": self.weight.device, "dtype": resolve_adapter_dtype(adapter_dtype, self.weight.dtype)}
         self.lora_A = nn.Parameter(torch.empty((r, self.in_features), **factory))
         self.lora_B = nn.Parameter(torch.empty((self.out_features, r), **factory))
         self.reset_lora_parameters()
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, r=8, lora_alpha=16.0, lora_dropout=0.0, use_rslora=False):
+    def from_linear(cls, linear: nn.Linear, *, r=8, lora_alpha=16.0, lora_dropout=0.0, use_rslora=False,
+                    adapter_dtype="auto"):
         """Wrap `linear`, sharing (not copying) its weight and bias, which are frozen."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         return cls._wrap(linear.weight, linear.bias, linear.in_features, linear.out_features, fan_in_fan_out=False,
-                         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+                         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                         adapter_dtype=adapter_dtype)
 
     @classmethod
-    def from_conv1d(cls, conv1d: nn.Module, *, r=8, lora_alpha=16.0, lora_dropout=0.0, use_rslora=False):
+    def from_conv1d(cls, conv1d: nn.Module, *, r=8, lora_alpha=16.0, lora_dropout=0.0, use_rslora=False,
+                    adapter_dtype="auto"):
         """Wrap a GPT-2 style `Conv1D` (weight (in, out), bias (out,)), sharing its parameters."""
         weight = getattr(conv1d, "weight", None)
         if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not hasattr(conv1d, "nf"):
@@ -85,7 +91,8 @@ class FusedLoRALinear(nn.Module):
                             f"got {type(conv1d).__name__}")
         in_features, out_features = weight.shape
         return cls._wrap(weight, conv1d.bias, in_features, out_features, fan_in_fan_out=True,
-                         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora)
+                         r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
+                         adapter_dtype=adapter_dtype)
 
     @classmethod
     def _wrap(cls, weight, bias, in_features, out_features, *, fan_in_fan_out, **lora):
@@ -170,4 +177,4 @@ class FusedLoRALinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"r={self.r}, lora_alpha={self.lora_alpha:g}, lora_dropout={self.lora_dropout:g}, "
-                f"use_rslora={self.use_rslora}, merged={self.merged}")
+                f"use_rslora={self.use_rslora}, adapter_dtype={self.lora_A.dtype}, merged={self.merged}")

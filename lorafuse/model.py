@@ -90,6 +90,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
                                         source=config.source),
             "lora_dropout": config.lora_dropout,
             "use_rslora": config.use_rslora,
+            "adapter_dtype": config.adapter_dtype,
         }
         wrap = FusedLoRALinear.from_conv1d if is_conv1d(module) else FusedLoRALinear.from_linear
         layer = wrap(module, **options)

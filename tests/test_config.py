@@ -13,6 +13,7 @@ def test_defaults_match_the_documented_signature():
     assert config.target_modules is None and config.exclude_modules is None and config.layers_to_transform is None
     assert config.use_rslora is False and config.bias == "none" and config.modules_to_save is None
     assert config.rank_pattern == {} and config.alpha_pattern == {}
+    assert config.adapter_dtype == "auto"  # PEFT's autocast_adapter_dtype=True: fp32 adapters on fp16/bf16
 
 
 def test_options_are_keyword_only():
@@ -70,6 +71,8 @@ def test_to_dict_and_replace():
     ({"rank_pattern": {"q_proj": 0}}, "rank_pattern\\['q_proj'\\] must be a positive int, got 0"),
     ({"rank_pattern": {"(": 4}}, "rank_pattern key '\\(' is not a valid regular expression"),
     ({"alpha_pattern": {"v_proj": -2.0}}, "alpha_pattern\\['v_proj'\\] must be a positive finite number, got -2.0"),
+    ({"adapter_dtype": "fp16"}, "adapter_dtype must be 'auto', 'base' or 'float32', got 'fp16'"),
+    ({"adapter_dtype": "fp16"}, "adapter_dtype must be 'auto', 'base' or 'float32', got 'fp16'"),
 ])
 def test_bad_values_raise_value_error_naming_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -97,6 +100,7 @@ def test_argparse_options_reach_the_config():
     assert config == LoRAConfig(r=4, lora_alpha=8.0, lora_dropout=0.1, target_modules=["q_proj", "v_proj", "o_proj"],
                                 use_rslora=True)
     assert LoRAConfig.from_args(_parse(["--lora-target-modules", "all-linear"])).target_modules == "all-linear"
+    assert LoRAConfig.from_args(_parse(["--lora-adapter-dtype", "base"])).adapter_dtype == "base"
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -106,6 +110,7 @@ def test_argparse_options_reach_the_config():
     (["--lora-alpha", "nan"], "argument --lora-alpha/--lora_alpha: must be finite, got 'nan'"),
     (["--lora_alpha", "0"], "argument --lora-alpha/--lora_alpha: must be a positive number, got '0'"),
     (["--lora_rank", "-1"], "argument --lora_rank: must be a non-negative integer, got '-1'"),
+    (["--lora-adapter-dtype", "fp16"], "argument --lora-adapter-dtype: invalid choice: 'fp16'"),
     (["--lora-target-modules", "all-linear", "q_proj"],
      "argument --lora-target-modules/--lora_target_modules: 'all-linear' stands for every linear layer and cannot be "
      "combined with other names, got 'all-linear q_proj'"),

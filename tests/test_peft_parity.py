@@ -144,3 +144,48 @@ def test_same_logits_and_adapter_gradients_as_peft(monkeypatch, device, build, t
             ours = getattr(layer, f"lora_{side}").grad
             assert ours is not None and ours.abs().max() > 0, f"{path}.lora_{side} got no gradient"
             torch.testing.assert_close(ours, peft_grad, rtol=1e-4, atol=1e-6, msg=f"{path}.lora_{side}")
+
+
+def test_fp32_adapters_on_fp16_model_match_peft(tmp_path, device):
+    # PEFT's default on half-precision models (autocast_adapter_dtype=True) keeps adapters in fp32; lorafuse's
+    # "auto" does the same. Both are held to the oracle rule against an fp64 copy of the same model.
+    from safetensors.torch import load_file
+
+    from lorafuse.bench.compare import oracle_error
+
+    def build(dtype):
+        return tiny_llama().to(device, dtype)
+
+    peft_config = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"])
+    lora_model = get_lora_model(build(torch.float16), LoRAConfig(**peft_config))
+    assert {layer.lora_A.dtype for _, layer in lora_model.lora_layers()} == {torch.float32}
+    randomize_adapters(lora_model)
+    state = lora_state_dict(lora_model.base_model)
+    runs = {"fused": lora_model}
+    for name, dtype in (("peft", torch.float16), ("fp64", torch.float64)):
+        runs[name] = get_peft_model(build(dtype), LoraConfig(**peft_config))
+        set_peft_model_state_dict(runs[name], state)
+    assert {p.dtype for n, p in runs["peft"].named_parameters() if "lora_" in n} == {torch.float32}
+    tokens = token_batch(batch=2, seq=8).to(device)
+    outputs, grads = {}, {}
+    for name, model in runs.items():
+        model.train()
+        out = logits(model(tokens) if name == "fused" else model(input_ids=tokens))
+        F.cross_entropy(out[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+        outputs[name] = out.detach()
+        # One key per adapter tensor, "layers.0.self_attn.q_proj.lora_A": the wrappers' prefixes and PEFT's
+        # ".default.weight" differ.
+        grads[name] = {n[n.index("layers."):].replace(".default.weight", ""): p.grad
+                       for n, p in model.named_parameters() if "lora_" in n}
+    problem = oracle_error(outputs["fused"], outputs["peft"], outputs["fp64"], dtype=torch.float16)
+    assert problem is None, f"logits: {problem}"
+    for key, peft_grad in grads["peft"].items():
+        ours = grads["fused"][key]
+        assert ours.dtype == torch.float32 and ours.abs().max() > 0
+        problem = oracle_error(ours, peft_grad, grads["fp64"][key], dtype=torch.float32)
+        assert problem is None, f"{key}: {problem}"
+    # Saved as PEFT saves it: fp32 tensors, which load back into fp32 adapters.
+    lora_model.save_adapter(tmp_path)
+    assert {t.dtype for t in load_file(tmp_path / "adapter_model.safetensors").values()} == {torch.float32}
+    again = LoRAModel.from_pretrained(build(torch.float16), tmp_path)
+    assert {layer.lora_A.dtype for _, layer in again.lora_layers()} == {torch.float32}
