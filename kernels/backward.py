@@ -200,9 +200,10 @@ def _prune_dx(configs, named_args, **meta):
         # counted as 1.5 tiles, 128x128 tiles on 4 warps and 128x256 on 8 went over (255 registers + spills).
         # With fp32 adapters, dA's product also holds x's tile in fp32 (in registers even on sm_90: with r
         # rows it is an mma.sync, not a wgmma): 128x128 on 8 warps and 128x64 on 4 spilled without this.
+        # dxa's tile (half a register an element) counts too: 128x64 on 4 warps spilled 8 bytes at r=64 without it.
         bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
         x_in_fp32 = bm * bk if adapter_size > size else 0
-        return bm * bk * 3 // 2 + block_r * bk + x_in_fp32
+        return bm * bk * 3 // 2 + block_r * bk + bm * block_r * adapter_size // 4 + x_in_fp32
 
     def operand_bytes(cfg):  # dxa and A (dx's LoRA term), dxa^T and x (dA), in the adapters' dtype
         bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
