@@ -19,8 +19,9 @@ setup(
         "tqdm>=4.60",
         # Patterns from adapter files are matched with a timeout (lorafuse/patterns.py); `re` has none.
         "regex>=2022.1.18",
-        # Triton ships for Linux only; elsewhere the layer runs its PyTorch path.
-        "triton>=3.2; platform_system == 'Linux'",
+        # Triton ships for Linux only; elsewhere the layer runs its PyTorch path. 3.3 is the oldest whose
+        # compiler takes every kernel (make check-triton-versions, docs/gpu_compile.md): 3.2 aborts on sm_90.
+        "triton>=3.3; platform_system == 'Linux'",
     ],
     extras_require={
         # megatron-core: its real Column/RowParallelLinear are tested where it imports (Linux).

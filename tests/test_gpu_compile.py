@@ -60,6 +60,20 @@ def test_out_of_resources_is_told_from_other_compiler_errors():
     assert not is_out_of_resources(None)
 
 
+def test_the_error_line_is_the_one_that_names_the_problem():
+    ptxas = RuntimeError("Internal Triton PTX codegen error\n`ptxas` stderr:\nptxas fatal   : Unresolved extern "
+                         "function 'f'\nRepro command: ptxas ...")
+    assert inspect_compile._first_error_line(ptxas) == "RuntimeError: ptxas fatal   : Unresolved extern function 'f'"
+    try:  # Triton's CompilationError shows the source and a caret; the reason is the cause's
+        try:
+            raise AssertionError("input_precision must be one of ('ieee',). Got tf32")
+        except AssertionError as cause:
+            raise ValueError("at 43:13:\n    da = _mma(tl.trans(dxa), x)\n         ^") from cause
+    except ValueError as error:
+        assert inspect_compile._first_error_line(error) == (
+            "ValueError: at 43:13: AssertionError: input_precision must be one of ('ieee',). Got tf32")
+
+
 def test_rules_accept_a_fitting_launch_and_name_what_breaks():
     assert launch_findings([_report(), _report(shared_bytes=300 * 1024)], dtype="bf16") == []
     broken = launch_findings([_report(compiled=False, error="CompilationError: bit width 1"),

@@ -1,12 +1,14 @@
 """`python -m lorafuse.inspect`: compile a LoRA training step's kernels for a GPU this machine lacks, and report.
 
 Prints a table (one row per kernel and autotune config) and the rules the launches break (lorafuse.inspect.rules);
-`--json PATH` also writes everything as JSON. Exit status: 0 when every launch satisfies the rules, 1 when one
-does not (or a tool is missing), 2 for a bad option.
+`--json PATH` also writes everything as JSON. Compiles run in worker processes (lorafuse.inspect.worker).
+Exit status: 0 when every launch satisfies the rules, 1 when one does not (or a tool is missing), 2 for a bad
+option.
 """
 
 import argparse
 import json
+import os
 import sys
 
 from .targets import ARCHS
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kernels", type=_names(_KERNELS), default=None,
                         help=f"only these launches ({','.join(_KERNELS)}; default all)")
     parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH (- for stdout)")
+    parser.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
+                        help="compiler worker processes (default: the number of cores)")
     return parser
 
 
@@ -87,26 +91,27 @@ def main(argv=None) -> int:
     if args.adapter_dtype and args.dtype not in ("fp16", "bf16"):
         parser.error(f"--adapter-dtype fp32 applies to --dtype fp16 or bf16, got --dtype {args.dtype}")
     # Imported here: torch and Triton take seconds to import, and a bad option should not wait for them.
-    from .compile import inspect_problem
+    from .compile import check_toolchain
     from .report import format_table, to_document
-    from .rules import launch_findings
+    from .sweep import Variant, run_sweep
 
     M, K, N = args.shape
-    problem = dict(dtype=args.dtype, rank=args.rank, dropout=args.dropout, bias=not args.no_bias, M=M, K=K, N=N,
-                   tf32=args.tf32, needs_dx="dx" in args.grads, needs_dA="dA" in args.grads,
-                   needs_dB="dB" in args.grads, adapter_dtype=args.adapter_dtype)
     archs = list(ARCHS) if args.arch == "all" else [args.arch]
-    runs, findings = {}, {}
-    for arch in archs:
-        try:
-            reports = inspect_problem(arch, **problem, kernels=args.kernels)
-        except FileNotFoundError as error:  # a tool the wheel should ship is missing: name it, no traceback
-            print(f"{parser.prog}: error: {error}", file=sys.stderr)
-            return 1
-        runs[arch] = reports
-        findings[arch] = [finding for kernel in dict.fromkeys(report.kernel for report in reports)
-                          for finding in launch_findings([r for r in reports if r.kernel == kernel],
-                                                         dtype=args.dtype, adapter_dtype=args.adapter_dtype)]
+    variants = {arch: Variant(arch, args.dtype, args.rank, args.dropout, not args.no_bias, args.grads, args.tf32,
+                              args.adapter_dtype, M, K, N) for arch in archs}
+    # The compiles run in worker processes (sweep.py): a compiler that aborts (an LLVM or ptxas crash) costs
+    # the config it was compiling, which the table then names, instead of ending this command.
+    try:
+        for arch in archs:
+            check_toolchain(arch)
+        result = run_sweep(list(variants.values()), workers=args.jobs, kernels=args.kernels)
+    except FileNotFoundError as error:  # a tool the wheel should ship is missing: name it, no traceback
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
+    runs = {arch: result.variant_reports(variant) for arch, variant in variants.items()}
+    findings = {arch: result.findings[variant] for arch, variant in variants.items()}
+    problem = dict(dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank, dropout=args.dropout,
+                   bias=not args.no_bias, tf32=args.tf32, M=M, K=K, N=N, grads=list(args.grads))
     document = to_document(runs, problem=problem, findings=findings)
     adapters = " (fp32 adapters)" if args.adapter_dtype else ""
     print(f"# triton {document['triton']}, torch {document['torch']}; {args.dtype}{adapters} r={args.rank} "

@@ -119,12 +119,18 @@ def _first_error_line(error: Exception) -> str:
     """The line of a compiler error that says what went wrong, prefixed with the exception's type.
 
     ptxas failures open with Triton's generic "Internal Triton PTX codegen error"; the line that names the
-    problem is ptxas's own ("ptxas error   : ...", "ptxas fatal   : ..."), so that one is preferred.
+    problem is ptxas's own ("ptxas error   : ...", "ptxas fatal   : ..."), so that one is preferred. Triton's
+    CompilationError shows the source with a caret under the failing call ("at 43:13:" ... "^") and may keep
+    the reason in its cause (an AssertionError from tl.dot): then the innermost cause says it.
     """
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     ptxas = [line for line in lines if re.match(r"ptxas\s+(error|fatal)", line)]
     errors = [line for line in lines if "error" in line.lower() and "Internal Triton PTX codegen" not in line]
     line = (ptxas or errors or lines[-1:] or [""])[0]
+    cause = error.__cause__ or error.__context__
+    if line.strip("^ ") == "" and cause is not None:
+        where = re.match(r"at \d+:\d+", lines[0]) if lines else None
+        line = (f"{where.group(0)}: " if where else "") + _first_error_line(cause)
     return f"{type(error).__name__}: {line}"[:400]
 
 
@@ -155,10 +161,23 @@ def check_toolchain(arch: str) -> None:
             _nvidia_tool(name)
 
 
-def _missing_tool(error: Exception) -> Optional[str]:
-    """The tool Triton's compiler could not find ("Cannot find ptxas-blackwell"), if that is the error."""
-    match = re.search(r"Cannot find ([\w.-]+)", str(error))
-    return match.group(1) if match else None
+def _missing_tool(error: Exception) -> Optional[Exception]:
+    """What to raise when a compile failed for want of a tool (a broken installation, not a finding about the
+    kernel): FileNotFoundError naming the file for ptxas ("Cannot find ptxas-blackwell") and for the ROCm linker
+    older Tritons call ("ROCm linker /opt/rocm/llvm/bin/ld.lld not found"); None for any other error."""
+    text = str(error)
+    nvidia = re.search(r"Cannot find ([\w.-]+)", text)
+    if nvidia:
+        try:
+            _nvidia_tool(nvidia.group(1))
+        except FileNotFoundError as missing:
+            return missing
+        return error  # the file is there but Triton could not run it: not the kernel's fault either
+    rocm = re.search(r"ROCm linker (\S+) not found", text)
+    if rocm:
+        return FileNotFoundError(f"ld.lld not found: looked for {rocm.group(1)} (this Triton links AMD code with "
+                                 "ROCm's ld.lld; set TRITON_HIP_LLD_PATH to it)")
+    return None
 
 
 def _read_cuda(compiled, report: KernelReport) -> None:
@@ -218,10 +237,9 @@ def inspect_config(arch: str, launch, config, target) -> KernelReport:
     try:
         compiled = compile_config(launch, config)
     except Exception as error:  # the compiler's refusal is the finding, not a crash of the inspection
-        tool = _missing_tool(error)
-        if tool is not None:  # a broken installation, not a finding about the kernel
-            _nvidia_tool(tool)
-            raise
+        missing = _missing_tool(error)
+        if missing is not None:
+            raise missing from error
         report.error = _first_error_line(error)
         return report
     report.compiled = True

@@ -29,7 +29,7 @@ from typing import Optional
 from .compile import KernelReport
 from .rules import launch_findings
 from .targets import ARCHS
-from .worker import WORKER_FAILED
+from .worker import MISSING_TOOL, WORKER_FAILED
 
 #: (dtype, adapter dtype or None for dtype's, tf32): fp32 runs on FMA unless torch allows TF32, so both are
 #: variants; fp32 adapters on an fp16/bf16 model (PEFT's default) run the low-rank products in fp32.
@@ -135,6 +135,8 @@ def _run_worker(request: dict, count: int, *, on_answer) -> tuple:
     if received == count and code == 0:
         return received, None
     last = next((line.strip() for line in reversed(stderr_tail) if line.strip()), "")
+    if code == MISSING_TOOL:
+        raise FileNotFoundError(last)
     if code == WORKER_FAILED:
         raise RuntimeError(f"a lorafuse.inspect.worker failed (not a compiler crash):\n{''.join(stderr_tail[-30:])}")
     if killed:
@@ -207,19 +209,25 @@ def _report_from_json(data: dict) -> KernelReport:
 class SweepResult:
     findings: dict  # Variant -> list of broken rules (empty: fine)
     reports: dict  # compile key -> KernelReport
+    plans: dict  # Variant -> its launches: [{"kernel": name, "configs": [{"config": dict, "key": str}]}]
     compiles: int  # distinct compiles the variants needed
     seconds: float
 
     def failing(self) -> dict:
         return {variant: found for variant, found in self.findings.items() if found}
 
+    def variant_reports(self, variant) -> list:
+        """The variant's KernelReports, launch by launch and config by config, in the launchers' order."""
+        return [self.reports[c["key"]] for launch in self.plans[variant] for c in launch["configs"]]
 
-def run_sweep(variants: list, *, workers=None, progress=None) -> SweepResult:
+
+def run_sweep(variants: list, *, workers=None, kernels=None, progress=None) -> SweepResult:
     """Compile every distinct (arch, kernel, config) the variants need and check each variant's launches.
-    progress(done, total): see compile_jobs."""
+    kernels: launch names to keep (None: all). progress(done, total): see compile_jobs."""
     workers = workers or os.cpu_count() or 1
     start = time.perf_counter()
-    plans = plan_variants(variants)
+    plans = [[launch for launch in plan if kernels is None or launch["kernel"] in kernels]
+             for plan in plan_variants(variants)]
     jobs, seen = [], {}
     for variant, plan in zip(variants, plans):
         for launch in plan:
@@ -236,7 +244,8 @@ def run_sweep(variants: list, *, workers=None, progress=None) -> SweepResult:
                              for finding in launch_findings([by_key[c["key"]] for c in launch["configs"]],
                                                             dtype=variant.dtype,
                                                             adapter_dtype=variant.adapter_dtype)]
-    return SweepResult(findings=findings, reports=by_key, compiles=len(jobs), seconds=time.perf_counter() - start)
+    return SweepResult(findings=findings, reports=by_key, plans=dict(zip(variants, plans)), compiles=len(jobs),
+                       seconds=time.perf_counter() - start)
 
 
 def main(argv=None) -> int:

@@ -91,6 +91,8 @@ def compile_job(job: dict) -> dict:
 #: The exit status of a worker whose own code failed (an uncaught Python exception), as opposed to a compiler
 #: that crashed the process (a signal): the sweep stops on it instead of blaming one config and going on.
 WORKER_FAILED = 3
+#: The exit status of a worker that found a tool missing (ptxas, nvdisasm, ld.lld); its last line names the file.
+MISSING_TOOL = 4
 
 
 def main() -> None:
@@ -99,6 +101,9 @@ def main() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     try:
         serve()
+    except FileNotFoundError as missing:
+        print(missing, file=sys.stderr)
+        sys.exit(MISSING_TOOL)
     except Exception:
         traceback.print_exc()
         sys.exit(WORKER_FAILED)
