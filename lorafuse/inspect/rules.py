@@ -7,8 +7,8 @@ For the configs the autotuner would try for one launch (one kernel, one problem,
   also spill-free (local-memory traffic inside a GEMM's main loop costs more than the tiles gain);
 - every compiled fp16/bf16 config runs its products on the matrix cores (HMMA on Ampere, HGMMA on Hopper,
   UTC*MMA on Blackwell, v_mfma on CDNA): a config on FMA would be ~16x slower and could still be picked. With
-  fp32 adapters on an fp16/bf16 model the low-rank products follow torch's fp32 rule (FMA unless TF32 is
-  allowed), so there the rule holds for the kernels that run the base GEMM (forward, backward_dx) only.
+  fp32 adapters on an fp16/bf16 model the low-rank products are fp32 (TF32 matrix cores or FMA), so there the
+  rule holds for the kernels that run the base GEMM (forward, backward_dx) only.
 """
 
 import re
