@@ -124,6 +124,11 @@ def _lora_backward_dx_kernel(
         acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_TO_X_PRECISION)
         if HAS_DROPOUT:
             acc = tl.where(random_bytes >= threshold, acc * keep_scale, 0.0)
+        else:
+            # keep_scale is 1.0 here. Multiplying anyway (once per element, before the loop) took the dx main
+            # loop from +16.8% to +14.7% non-matrix instructions over the plain GEMM on sm_90 at r=16 (the
+            # static estimate): fed straight from a wgmma, the accumulator cost register copies in the loop.
+            acc = acc * keep_scale
         # The main loop: a plain Triton GEMM's (dy @ W), wrapped rows and columns and advancing pointers as in
         # the forward (kernels/forward.py says why).
         offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
