@@ -53,17 +53,27 @@ def check_adapter_dtype(x_dtype: torch.dtype, adapter_dtype: torch.dtype, *, nam
     raise TypeError(f"{name} has dtype {adapter_dtype} but {base} has dtype {x_dtype}; adapters must be {allowed}")
 
 
-def check_same_device(x, weight, bias, lora_A, lora_B) -> None:
-    """Every operand (bias may be None) is a tensor on x's device; the messages are check_lora_inputs'."""
+def _operands(x, weight, bias, lora_A, lora_B) -> dict:
+    """The operands of one LoRA linear call by name (bias left out when None), each checked to be a tensor."""
     named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
     if bias is not None:
         named["bias"] = bias
     for name, tensor in named.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    return named
+
+
+def _check_one_device(named: dict) -> None:
+    x = named["x"]
     for name, tensor in named.items():
         if tensor.device != x.device:
             raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; they must be on one device")
+
+
+def check_same_device(x, weight, bias, lora_A, lora_B) -> None:
+    """Every operand (bias may be None) is a tensor on x's device; the messages are check_lora_inputs'."""
+    _check_one_device(_operands(x, weight, bias, lora_A, lora_B))
 
 
 #: Spellings `adapter_dtype` accepts: "auto" (PEFT's default), "base", or a dtype name.
@@ -96,12 +106,7 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
     lora_A: (r, in_features); lora_B: (out_features, r). weight and bias have x's dtype; lora_A and lora_B
     share one dtype, x's or float32 (on a float16/bfloat16 x).
     """
-    named = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
-    if bias is not None:
-        named["bias"] = bias
-    for name, tensor in named.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    named = _operands(x, weight, bias, lora_A, lora_B)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be a floating-point tensor (float16, bfloat16, float32, float64), got {x.dtype}")
     for name, tensor in named.items():
@@ -112,9 +117,7 @@ def check_lora_inputs(x, weight, bias, lora_A, lora_B) -> None:
     check_adapter_dtype(x.dtype, lora_A.dtype, name="lora_A")
     if lora_B.dtype != lora_A.dtype:
         raise TypeError(f"lora_B has dtype {lora_B.dtype} but lora_A has dtype {lora_A.dtype}; they must match")
-    for name, tensor in named.items():
-        if tensor.device != x.device:
-            raise ValueError(f"{name} is on {tensor.device} but x is on {x.device}; they must be on one device")
+    _check_one_device(named)
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension (..., in_features), got a scalar")
     if weight.dim() != 2:

@@ -11,31 +11,12 @@ import json
 import os
 import sys
 
+from ..argtypes import dropout_probability, positive_int
 from .targets import ARCHS
 
 _DTYPE_NAMES = ("fp16", "bf16", "fp32", "fp64")
 _GRADS = ("dx", "dA", "dB")
 _KERNELS = ("forward_xa", "forward", "backward_dy", "backward_dx")
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _dropout(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be a number in [0, 1), got {text!r}")
-    return value
 
 
 def _shape(text):
@@ -67,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="bf16", choices=_DTYPE_NAMES, help="x, W, A and B dtype (default bf16)")
     parser.add_argument("--adapter-dtype", choices=("fp32",), default=None,
                         help="lora_A/lora_B dtype when not --dtype's: fp32 on an fp16/bf16 model (PEFT's default)")
-    parser.add_argument("--rank", type=_positive_int, default=16, help="LoRA rank r (default 16)")
-    parser.add_argument("--dropout", type=_dropout, default=0.1, help="lora_dropout p (default 0.1)")
+    parser.add_argument("--rank", type=positive_int, default=16, help="LoRA rank r (default 16)")
+    parser.add_argument("--dropout", type=dropout_probability, default=0.1, help="lora_dropout p (default 0.1)")
     parser.add_argument("--no-bias", action="store_true", help="the base layer has no bias")
     parser.add_argument("--tf32", action="store_true", help="fp32 on TF32 matrix cores (torch's allow_tf32)")
     parser.add_argument("--shape", type=_shape, default=(8192, 4096, 4096),
@@ -78,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kernels", type=_names(_KERNELS), default=None,
                         help=f"only these launches ({','.join(_KERNELS)}; default all)")
     parser.add_argument("--json", metavar="PATH", help="also write the reports as JSON to PATH (- for stdout)")
-    parser.add_argument("--jobs", type=_positive_int, default=os.cpu_count() or 1,
+    parser.add_argument("--jobs", type=positive_int, default=os.cpu_count() or 1,
                         help="compiler worker processes (default: the number of cores)")
     return parser
 
