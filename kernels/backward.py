@@ -24,7 +24,7 @@ from lorafuse.checks import check_lora_inputs, seed_tensor
 from lorafuse.dropout_rng import drop_threshold
 
 from . import tuning
-from .common import _grouped_tile, _mma, is_interpreted, lora_dot_options, rank_block, small_block
+from .common import _gemm_main_loop, _grouped_tile, _mma, is_interpreted, lora_dot_options, rank_block, small_block
 from .dropout import _dropout_bytes
 from .forward import _GEMM_CONFIGS
 from .launches import Launch, run
@@ -129,19 +129,9 @@ def _lora_backward_dx_kernel(
             # loop from +16.8% to +14.7% non-matrix instructions over the plain GEMM on sm_90 at r=16 (the
             # static estimate): fed straight from a wgmma, the accumulator cost register copies in the loop.
             acc = acc * keep_scale
-        # The main loop: a plain Triton GEMM's (dy @ W), wrapped rows and columns and advancing pointers as in
-        # the forward (kernels/forward.py says why).
-        offs_n = tl.arange(0, BLOCK_N).to(tl.int64)
-        dy_ptrs = dy_ptr + (offs_m % M)[:, None] * stride_dym + offs_n[None, :] * stride_dyn
-        w_ptrs = w_ptr + offs_n[:, None] * stride_wn + (offs_k % K)[None, :] * stride_wk
-        dy_step = BLOCK_N * tl.cast(stride_dyn, tl.int64)
-        w_step = BLOCK_N * tl.cast(stride_wn, tl.int64)
-        for n0 in range(0, N, BLOCK_N):
-            dy = tl.load(dy_ptrs, mask=offs_n[None, :] < N - n0, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_n[:, None] < N - n0, other=0.0)
-            acc = _mma(dy, w, acc, UPCAST, PRECISION)
-            dy_ptrs += dy_step
-            w_ptrs += w_step
+        # The main loop: a plain Triton GEMM's (dy @ W), reducing over N.
+        acc = _gemm_main_loop(acc, dy_ptr, w_ptr, offs_m, offs_k, M, K, N, stride_dym, stride_dyn, stride_wn,
+                              stride_wk, BLOCK_N, UPCAST, PRECISION)
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
 

@@ -25,7 +25,7 @@ from lorafuse.checks import check_lora_inputs, seed_tensor
 from lorafuse.dropout_rng import drop_threshold
 
 from . import tuning
-from .common import _grouped_tile, _mma, is_interpreted, lora_dot_options, rank_block, small_block
+from .common import _gemm_main_loop, _grouped_tile, _mma, is_interpreted, lora_dot_options, rank_block, small_block
 from .dropout import _dropout_bytes
 from .launches import Launch, run
 
@@ -106,21 +106,9 @@ def _lora_forward_kernel(
                   mask=in_r[:, None] & in_n[None, :], other=0.0)
     acc = _mma(xa, b_t, tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC_DTYPE), UPCAST, LORA_TO_X_PRECISION) * scaling
 
-    # The main loop: a plain Triton GEMM's. Rows and columns wrap (the tutorial's `% M`) so only the ragged
-    # last K step needs a mask, and the pointers (int64 offsets, computed once) advance by BLOCK_K: recomputing
-    # masked int64 offsets every step cost 8% more non-matrix instructions than the plain GEMM on sm_90.
-    # (tl.cast, not .to: a unit stride arrives as the constant 1, specialised, with no .to.)
-    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
-    x_ptrs = x_ptr + (offs_m % M)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + (offs_n % N)[None, :] * stride_wn
-    x_step = BLOCK_K * tl.cast(stride_xk, tl.int64)
-    w_step = BLOCK_K * tl.cast(stride_wk, tl.int64)
-    for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
-        w_t = tl.load(w_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
-        acc = _mma(x, w_t, acc, UPCAST, PRECISION)
-        x_ptrs += x_step
-        w_ptrs += w_step
+    # The main loop: a plain Triton GEMM's (x @ W^T, W read through its strides).
+    acc = _gemm_main_loop(acc, x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
+                          BLOCK_K, UPCAST, PRECISION)
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
