@@ -1,4 +1,4 @@
-"""The functional form `lora_linear`: checks, seeds and autocast around the custom op.
+"""The functional forms `lora_linear` and `dora_linear`: checks, seeds and autocast around the custom ops.
 
 The autograd of the fused layer is registered on the custom op `lorafuse::lora_forward` (ops.py), so
 eager calls and torch.compile take the same path. Plain tensors only: tensor-parallel layers run
@@ -8,7 +8,7 @@ reads one way, from the distributed package down to this one).
 
 import torch
 
-from . import ops  # noqa: F401  (registers torch.ops.lorafuse.*)
+from . import dora_ops, ops  # noqa: F401  (register torch.ops.lorafuse.*)
 from .checks import check_dropout, check_lora_inputs, check_same_device, seed_tensor
 from .dispatch import select_backend
 
@@ -79,3 +79,33 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p=0.0, trai
     # of y, on which an in-place op (out += residual) skips the hooks of the tensor it views: FSDP2 warns
     # about that, as its pre-backward hook sits on the module's output.
     return torch.ops.aten._unsafe_view(y, (*leading, weight.shape[0]))
+
+
+def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, *, scaling, dropout_p=0.0, training=True, seed=None):
+    """Fused DoRA linear: g * (x @ W^T + scaling * (dropout(x) @ A^T) @ B^T) + b, g = magnitude / ||W + s B A||.
+
+    The operands as for `lora_linear`, plus magnitude: (out_features,) in the adapters' dtype. The row norms
+    of W + s B A are computed (fp32) without forming the matrix and detached, as PEFT detaches them. Dropout
+    touches the low-rank path only (see `lorafuse.reference.dora_linear` for how that differs from PEFT in
+    training). Returns (..., out_features); the output is saved for the backward, so modifying it in place
+    makes autograd raise.
+    """
+    x, weight, bias, lora_A, lora_B, p, seed = prepare_call(x, weight, bias, lora_A, lora_B, dropout_p=dropout_p,
+                                                            training=training, seed=seed)
+    if not isinstance(magnitude, torch.Tensor):
+        raise TypeError(f"magnitude must be a torch.Tensor, got {type(magnitude).__name__}")
+    if torch.is_autocast_enabled(x.device.type) and magnitude.dtype in _AUTOCAST_ELIGIBLE:
+        magnitude = magnitude.to(lora_A.dtype)  # cast with the adapters, as autocast cast them
+    if tuple(magnitude.shape) != (weight.shape[0],):
+        raise ValueError(f"magnitude must have shape ({weight.shape[0]},), got {tuple(magnitude.shape)}")
+    if magnitude.dtype != lora_A.dtype or magnitude.device != x.device:
+        raise TypeError(f"magnitude must be {lora_A.dtype} (the adapters' dtype) on {x.device}, got "
+                        f"{magnitude.dtype} on {magnitude.device}")
+    with torch.autocast(x.device.type, enabled=False):
+        norm = torch.ops.lorafuse.dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(),
+                                                   scaling=float(scaling))
+        y, _xa = torch.ops.lorafuse.dora_forward(x.reshape(-1, x.shape[-1]), weight, bias, lora_A, lora_B,
+                                                 magnitude, norm, seed, scaling=float(scaling), dropout_p=p)
+    # A true view (not lora_linear's _unsafe_view): y is saved for the backward, and a view shares its version
+    # counter, so an in-place change of the output is caught by autograd instead of corrupting dm.
+    return y.view(*x.shape[:-1], weight.shape[0])

@@ -128,8 +128,10 @@ class FusedLoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """scaling * B @ A, (out_features, in_features), computed in fp32 and cast to the weight's dtype."""
-        delta = (self.lora_B.detach().float() @ self.lora_A.detach().float()) * self.scaling
-        return delta.to(self.weight.dtype)
+        return self._delta_weight_in(torch.float32).to(self.weight.dtype)
+
+    def _delta_weight_in(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.lora_B.detach().to(dtype) @ self.lora_A.detach().to(dtype)) * self.scaling
 
     @torch.no_grad()
     def merge(self) -> "FusedLoRALinear":
@@ -148,11 +150,17 @@ class FusedLoRALinear(nn.Module):
         return self
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A new nn.Linear holding the merged weight (out_features, in_features) and a copy of the bias."""
+    def merged_weight(self) -> torch.Tensor:
+        """A new (out_features, in_features) tensor: the weight of a plain linear that computes this layer."""
         weight = self.base_weight().clone()
         if not self.merged:
             weight += self.delta_weight()
+        return weight
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A new nn.Linear holding the merged weight (out_features, in_features) and a copy of the bias."""
+        weight = self.merged_weight()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=weight.device, dtype=weight.dtype)
         linear.weight.copy_(weight)
@@ -160,17 +168,24 @@ class FusedLoRALinear(nn.Module):
             linear.bias.copy_(self.bias)
         return linear
 
+    def adapter_parameters(self) -> list:
+        """The trained parameters of the adapter."""
+        return [self.lora_A, self.lora_B]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged and not self.adapter_enabled:
-            raise RuntimeError("FusedLoRALinear is merged, so its weight already holds the adapter and it cannot run "
-                               "the base alone: call unmerge() before disabling the adapter")
+            raise RuntimeError(f"{type(self).__name__} is merged, so its weight already holds the adapter and it "
+                               "cannot run the base alone: call unmerge() before disabling the adapter")
         if self.merged:
-            if self.training and torch.is_grad_enabled() and (self.lora_A.requires_grad or self.lora_B.requires_grad):
-                raise RuntimeError("FusedLoRALinear is merged, so its adapter gets no gradient: call unmerge() "
-                                   "before training, or eval() / torch.no_grad() for inference")
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters()):
+                raise RuntimeError(f"{type(self).__name__} is merged, so its adapter gets no gradient: call "
+                                   "unmerge() before training, or eval() / torch.no_grad() for inference")
             return F.linear(x, self.base_weight(), self.bias)
         if not self.adapter_enabled:
             return F.linear(x, self.base_weight(), self.bias)
+        return self._adapted_forward(x)
+
+    def _adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lora_function(x, self.base_weight(), self.bias, self.lora_A, self.lora_B, scaling=self.scaling,
                                   dropout_p=self.lora_dropout, training=self.training)
 

@@ -45,8 +45,14 @@ def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
 def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed,
                   needs_dx=True, needs_dA=True, needs_dB=True):
     """Same contract as `lorafuse.kernels.lora_backward`: returns (dx, dA, dB), None where not needed."""
+    return _backward(dy, dy.to(lora_A.dtype), x, weight, lora_A, lora_B, xa, scaling=scaling, dropout_p=dropout_p,
+                     seed=seed, needs_dx=needs_dx, needs_dA=needs_dA, needs_dB=needs_dB)
+
+
+def _backward(dy, dy_adapter, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed, needs_dx, needs_dA,
+              needs_dB):
+    """The LoRA chain rule given dy twice: in x's dtype for dy @ W, in the adapters' dtype for the rest."""
     adapter_dtype = lora_A.dtype
-    dy_adapter = dy.to(adapter_dtype)
     dxa = (dy_adapter @ lora_B) * scaling
     dB = (dy_adapter.t() @ xa) * scaling if needs_dB else None
     dx = dA = None
@@ -58,3 +64,44 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
             dx = (dy @ weight).to(adapter_dtype) + (dxa @ lora_A) * keep_scaled
             dx = dx.to(x.dtype)
     return dx, dA, dB
+
+
+# ---- DoRA ----------------------------------------------------------------------------------------------------
+
+def _compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def dora_weight_norm(weight, lora_A, lora_B, *, scaling):
+    """Same contract as `lorafuse.kernels.dora_weight_norm`: ||W + s B A|| per row, fp32 (fp64 for fp64)."""
+    compute = _compute_dtype(weight.dtype)
+    merged = weight.to(compute) + scaling * (lora_B.to(compute) @ lora_A.to(compute))
+    return torch.linalg.vector_norm(merged, dim=1)
+
+
+def dora_forward(x, weight, bias, lora_A, lora_B, column_scale, *, scaling, dropout_p, seed):
+    """Same contract as `lorafuse.kernels.dora_forward`: y = g * (x W^T + s xa B^T) + b and xa."""
+    check_lora_inputs(x, weight, bias, lora_A, lora_B)
+    compute = column_scale.dtype
+    xa = _dropped(x, dropout_p, seed).to(lora_A.dtype) @ lora_A.t()
+    y = (x @ weight.t()).to(compute) + (xa @ lora_B.t()).to(compute) * scaling
+    y = y * column_scale
+    if bias is not None:
+        y = y + bias.to(compute)
+    return y.to(x.dtype), xa
+
+
+def dora_backward(dy, x, weight, bias, lora_A, lora_B, column_scale, magnitude, xa, y, *, scaling, dropout_p, seed,
+                  needs_dx=True, needs_dA=True, needs_dB=True, needs_dm=True):
+    """Same contract as `lorafuse.kernels.dora_backward`: returns (dx, dA, dB, dm), None where not needed."""
+    compute = column_scale.dtype
+    dm = None
+    if needs_dm:
+        unbiased = y.to(compute) - (bias.to(compute) if bias is not None else 0.0)
+        dm = ((dy.to(compute) * unbiased).sum(0) / magnitude.to(compute)).to(magnitude.dtype)
+    # y = g * (...) + b: the LoRA chain rule with g * dy in place of dy (rounded once to each operand's dtype).
+    scaled_dy = dy.to(compute) * column_scale
+    dx, dA, dB = _backward(scaled_dy.to(dy.dtype), scaled_dy.to(lora_A.dtype), x, weight, lora_A, lora_B, xa,
+                           scaling=scaling, dropout_p=dropout_p, seed=seed, needs_dx=needs_dx, needs_dA=needs_dA,
+                           needs_dB=needs_dB)
+    return dx, dA, dB, dm
