@@ -2,6 +2,7 @@
 
 from .backward import backward_launches, lora_backward
 from .common import is_interpreted
+from .dora import dora_backward, dora_forward, dora_weight_norm, weight_norm_launch
 from .dropout import dropout_mask
 from .forward import _lora_forward_kernel, forward_launches, lora_forward
 from .launches import Launch
@@ -10,5 +11,5 @@ from .launches import Launch
 #: they then run on CPU tensors instead of CUDA ones.
 INTERPRETED = is_interpreted(_lora_forward_kernel)
 
-__all__ = ["INTERPRETED", "Launch", "backward_launches", "dropout_mask", "forward_launches", "lora_backward",
-           "lora_forward"]
+__all__ = ["INTERPRETED", "Launch", "backward_launches", "dora_backward", "dora_forward", "dora_weight_norm",
+           "dropout_mask", "forward_launches", "lora_backward", "lora_forward", "weight_norm_launch"]

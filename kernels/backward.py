@@ -16,6 +16,9 @@ are accumulated in fp32 with atomics (M / BLOCK_M adds per element), so their la
 to run.
 """
 
+import dataclasses
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -37,10 +40,16 @@ def _lora_backward_dy_kernel(
     xa_ptr,  # *[M, R] saved dropout(x) @ A^T, in the adapters' dtype
     dxa_ptr,  # *[M, R] output in the adapters' dtype: s * dy @ B
     db_ptr,  # *fp32 (fp64 for fp64 inputs) [N, R] contiguous, zeroed: dB accumulates here
+    y_ptr,  # *[M, N] DoRA: the forward's output (read when COMPUTE_DM)
+    bias_ptr,  # *[N] DoRA: the bias (read when COMPUTE_DM and HAS_BIAS)
+    scale_ptr,  # *[N] contiguous, accumulator dtype: DoRA's column scale g (read when SCALE_DY)
+    dm_ptr,  # *[N] contiguous, accumulator dtype, zeroed: DoRA's sum over rows of dy * (y - b) (when COMPUTE_DM)
     M, N, R,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_xam, stride_xar, stride_dxam, stride_dxar,
+    stride_ym, stride_yn,
     scaling,
-    COMPUTE_DB: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
+    COMPUTE_DB: tl.constexpr, SCALE_DY: tl.constexpr, COMPUTE_DM: tl.constexpr, HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
@@ -57,6 +66,14 @@ def _lora_backward_dy_kernel(
         in_n = offs_n < N
         dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn,
                      mask=in_m[:, None] & in_n[None, :], other=0.0)
+        if COMPUTE_DM:  # DoRA: y - b = g * (x @ W^T + s * xa @ B^T), read back instead of kept from the forward
+            unbiased = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                               mask=in_m[:, None] & in_n[None, :], other=0.0).to(ACC_DTYPE)
+            if HAS_BIAS:
+                unbiased -= tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
+            tl.atomic_add(dm_ptr + offs_n, tl.sum(dy.to(ACC_DTYPE) * unbiased, axis=0), mask=in_n)
+        if SCALE_DY:  # DoRA: the LoRA chain rule runs on g * dy
+            dy = dy.to(ACC_DTYPE) * tl.load(scale_ptr + offs_n, mask=in_n, other=0.0)[None, :]
         b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
                     mask=in_n[:, None] & in_r[None, :], other=0.0)
         dy = dy.to(b.dtype)  # a no-op, or fp16/bf16 -> fp32 for fp32 adapters
@@ -79,12 +96,13 @@ def _lora_backward_dx_kernel(
     dx_ptr,  # *[M, K] output: input gradient (written when COMPUTE_DX)
     da_ptr,  # *fp32 (fp64 for fp64 inputs) [R, K] contiguous, zeroed: dA accumulates here (when COMPUTE_DA)
     seed_ptr,  # *int64 one element: the forward's dropout seed
+    scale_ptr,  # *[N] contiguous, accumulator dtype: DoRA's column scale g (read when SCALE_DY)
     M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dxam, stride_dxar, stride_dxm, stride_dxk,
     threshold,  # uint8 dropout threshold of the forward
     keep_scale,  # 1 / (1 - p), the float the forward scaled by
-    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+    COMPUTE_DX: tl.constexpr, COMPUTE_DA: tl.constexpr, HAS_DROPOUT: tl.constexpr, SCALE_DY: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_PRECISION: tl.constexpr, LORA_TO_X_PRECISION: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -129,9 +147,9 @@ def _lora_backward_dx_kernel(
             # loop from +16.8% to +14.7% non-matrix instructions over the plain GEMM on sm_90 at r=16 (the
             # static estimate): fed straight from a wgmma, the accumulator cost register copies in the loop.
             acc = acc * keep_scale
-        # The main loop: a plain Triton GEMM's (dy @ W), reducing over N.
+        # The main loop: a plain Triton GEMM's (dy @ W, or DoRA's (g * dy) @ W), reducing over N.
         acc = _gemm_main_loop(acc, dy_ptr, w_ptr, offs_m, offs_k, M, K, N, stride_dym, stride_dyn, stride_wn,
-                              stride_wk, BLOCK_N, UPCAST, PRECISION)
+                              stride_wk, scale_ptr, BLOCK_N, UPCAST, PRECISION, SCALE_DY)
         tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :] * stride_dxk,
                  acc.to(dx_ptr.dtype.element_ty), mask=in_m[:, None] & in_k[None, :])
 
@@ -211,52 +229,75 @@ def _prune_dx(configs, named_args, **meta):
 # ---- launcher ----------------------------------------------------------------------------------------------
 
 def backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused, seed, *, scaling, dropout_p,
-                      interpreted):
+                      interpreted, dora=None):
     """The launches of the backward for these tensors (see `Launch`); nothing is run.
 
     dxa: (M, r) scratch; dx, da, db: the outputs, or None where not wanted (then `unused`, a one-element
     accumulator-dtype tensor that aliases nothing, stands in: autotuning zeroes reset_to_zero arguments).
+    dora: a `DoraBackward` for DoRA's backward (dy scaled by g, and dm), or None.
     """
     M, K = x.shape
     N, R = lora_B.shape
     dots = lora_dot_options(x.dtype, lora_A.dtype, interpreted)
     block_r = rank_block(R)
     threshold = drop_threshold(dropout_p)
+    scale = dora.column_scale if dora is not None else unused
+    y = dora.y if dora is not None and dora.dm is not None else dy
+    bias = dora.bias if dora is not None and dora.bias is not None else unused
     launches = [Launch(
         name="backward_dy", kernel=_lora_backward_dy_kernel,
-        args=(dy, lora_B, xa, dxa, db if db is not None else unused, M, N, R,
+        args=(dy, lora_B, xa, dxa, db if db is not None else unused, y, bias, scale,
+              dora.dm if dora is not None and dora.dm is not None else unused, M, N, R,
               dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-              xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), float(scaling)),
-        meta=dict(COMPUTE_DB=db is not None, BLOCK_R=block_r,
+              xa.stride(0), xa.stride(1), dxa.stride(0), dxa.stride(1), y.stride(0), y.stride(1), float(scaling)),
+        meta=dict(COMPUTE_DB=db is not None, SCALE_DY=dora is not None,
+                  COMPUTE_DM=dora is not None and dora.dm is not None,
+                  HAS_BIAS=dora is not None and dora.bias is not None, BLOCK_R=block_r,
                   **{key: value for key, value in dots.items() if key != "LORA_TO_X_PRECISION"}),
         grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]),),
-        configs=_DY_CONFIGS, prune=_prune_dy, key=("M", "N", "BLOCK_R"), reset_to_zero=("db_ptr",),
+        configs=_DY_CONFIGS, prune=_prune_dy, key=("M", "N", "BLOCK_R", "SCALE_DY", "COMPUTE_DM"),
+        reset_to_zero=("db_ptr", "dm_ptr"),
         interpreter_config=dict(BLOCK_M=small_block(M), BLOCK_N=small_block(N)))]
     if dx is not None or da is not None:
         launches.append(Launch(
             name="backward_dx", kernel=_lora_backward_dx_kernel,
             args=(dy, weight, lora_A, x, dxa, dx if dx is not None else unused, da if da is not None else unused,
-                  seed, M, N, K, R,
+                  seed, scale, M, N, K, R,
                   dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
                   lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), dxa.stride(0), dxa.stride(1),
                   dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
                   threshold, 1.0 / (1.0 - dropout_p)),
             meta=dict(COMPUTE_DX=dx is not None, COMPUTE_DA=da is not None, HAS_DROPOUT=threshold > 0,
-                      BLOCK_R=block_r, **lora_dot_options(x.dtype, lora_A.dtype, interpreted, split_precision=True)),
+                      SCALE_DY=dora is not None, BLOCK_R=block_r,
+                      **lora_dot_options(x.dtype, lora_A.dtype, interpreted, split_precision=True)),
             grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(K, c["BLOCK_K"]),),
-            configs=_DX_CONFIGS, prune=_prune_dx, key=("M", "N", "K", "BLOCK_R"), reset_to_zero=("da_ptr",),
+            configs=_DX_CONFIGS, prune=_prune_dx, key=("M", "N", "K", "BLOCK_R", "SCALE_DY"),
+            reset_to_zero=("da_ptr",),
             interpreter_config=dict(BLOCK_M=small_block(M), BLOCK_K=small_block(K), BLOCK_N=small_block(N),
                                     GROUP_M=8)))
     return launches
 
 
+@dataclasses.dataclass(frozen=True)
+class DoraBackward:
+    """What DoRA's backward adds to LoRA's: dy is scaled by column_scale (g, (N,) contiguous, accumulator
+    dtype) for every LoRA gradient, and, when dm is given ((N,) zeroed, accumulator dtype), sum over rows of
+    dy * (y - bias) accumulates into it. y: the forward's output (M, N); bias: (N,) or None."""
+
+    column_scale: torch.Tensor
+    y: torch.Tensor
+    bias: Optional[torch.Tensor]
+    dm: Optional[torch.Tensor]
+
+
 def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed,
-                  needs_dx=True, needs_dA=True, needs_dB=True):
+                  needs_dx=True, needs_dA=True, needs_dB=True, dora=None):
     """Run the fused backward.
 
     dy: (M, N); x: (M, K) the forward's input; weight: (N, K); lora_A: (r, K); lora_B: (N, r);
     xa: (M, r) from the forward, in the adapters' dtype; seed: the forward's seed. Any strides are accepted.
-    Returns (dx or None, dA or None, dB or None) in the dtypes of x, lora_A and lora_B.
+    dora: a `DoraBackward`, or None. Returns (dx or None, dA or None, dB or None) in the dtypes of x, lora_A
+    and lora_B.
     """
     check_lora_inputs(x, weight, None, lora_A, lora_B)
     M, K = x.shape
@@ -280,7 +321,7 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
     unused = torch.zeros(1, dtype=acc_dtype, device=device)
     launches = backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused,
                                  seed_tensor(seed, device), scaling=scaling, dropout_p=dropout_p,
-                                 interpreted=is_interpreted(_lora_backward_dy_kernel))
+                                 interpreted=is_interpreted(_lora_backward_dy_kernel), dora=dora)
     for launch in launches:
         run(launch, x)
     return dx, _cast(da, lora_A.dtype), _cast(db, lora_B.dtype)

@@ -23,7 +23,8 @@ def _mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 @triton.jit
 def _gemm_main_loop(acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
-                    BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                    a_scale_ptr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                    SCALE_A: tl.constexpr):
     """acc += a[offs_m, :] @ b[:, offs_n] over the reduction dim K: the main loop of both GEMM kernels.
 
     a: (M, K), b: (K, N), any strides. As lean as a plain Triton GEMM's loop: rows and columns wrap (the
@@ -31,15 +32,23 @@ def _gemm_main_loop(acc, a_ptr, b_ptr, offs_m, offs_n, M, N, K, stride_am, strid
     once) advance by BLOCK_K; recomputing masked int64 offsets every step cost 8% more non-matrix
     instructions than the plain GEMM on sm_90. (tl.cast, not .to: a unit stride arrives as the specialised
     constant 1, which has no .to.)
+    SCALE_A: a's columns are multiplied by a_scale_ptr[0:K] (contiguous, fp32) as they are loaded, rounded
+    back to a's dtype: DoRA's dx GEMM, (g * dy) @ W, without a scaled copy of dy in memory.
     """
     offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     a_ptrs = a_ptr + (offs_m % M)[:, None] * stride_am + offs_k[None, :] * stride_ak
     b_ptrs = b_ptr + offs_k[:, None] * stride_bk + (offs_n % N)[None, :] * stride_bn
     a_step = BLOCK_K * tl.cast(stride_ak, tl.int64)
     b_step = BLOCK_K * tl.cast(stride_bk, tl.int64)
+    if SCALE_A:
+        a_scale_ptrs = a_scale_ptr + offs_k
     for k0 in range(0, K, BLOCK_K):
         a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0.0)
         b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0.0)
+        if SCALE_A:
+            a_scale = tl.load(a_scale_ptrs, mask=offs_k < K - k0, other=0.0)
+            a = (a.to(a_scale.dtype) * a_scale[None, :]).to(a.dtype)
+            a_scale_ptrs += BLOCK_K
         acc = _mma(a, b, acc, UPCAST, PRECISION)
         a_ptrs += a_step
         b_ptrs += b_step

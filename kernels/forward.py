@@ -76,6 +76,7 @@ def _lora_forward_kernel(
     x_ptr,  # *[M, K] input, any strides
     w_ptr,  # *[N, K] frozen base weight, any strides (a transposed view works)
     bias_ptr,  # *[N] bias; unused when HAS_BIAS is False
+    scale_ptr,  # *[N] contiguous, fp32 (fp64): DoRA's column scale g; unused when HAS_COLUMN_SCALE is False
     xa_ptr,  # *[M, R] from the prologue, in the adapters' dtype
     b_ptr,  # *[N, R] lora_B, in the adapters' dtype (x's, or fp32)
     y_ptr,  # *[M, N] output
@@ -84,7 +85,7 @@ def _lora_forward_kernel(
     stride_xam, stride_xar, stride_bn, stride_br,
     stride_ym, stride_yn,
     scaling,  # lora_alpha / r (or / sqrt(r) for rsLoRA)
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_COLUMN_SCALE: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, LORA_TO_X_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -108,8 +109,10 @@ def _lora_forward_kernel(
 
     # The main loop: a plain Triton GEMM's (x @ W^T, W read through its strides).
     acc = _gemm_main_loop(acc, x_ptr, w_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_xk, stride_wk, stride_wn,
-                          BLOCK_K, UPCAST, PRECISION)
+                          x_ptr, BLOCK_K, UPCAST, PRECISION, False)
 
+    if HAS_COLUMN_SCALE:  # DoRA: y = g * (x @ W^T + s * xa @ B^T) + b
+        acc = acc * tl.load(scale_ptr + offs_n, mask=in_n, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=in_n, other=0.0).to(ACC_DTYPE)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -184,8 +187,11 @@ def _without(options: dict, name: str) -> dict:
     return {key: value for key, value in options.items() if key != name}
 
 
-def forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed, *, scaling, dropout_p, interpreted):
-    """The two launches of the forward for these tensors (see `Launch`); nothing is run."""
+def forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed, *, scaling, dropout_p, interpreted,
+                     column_scale=None):
+    """The two launches of the forward for these tensors (see `Launch`); nothing is run.
+
+    column_scale: DoRA's g, (N,) contiguous in the accumulator's dtype, multiplied into y before the bias."""
     M, K = x.shape
     N, R = lora_B.shape
     dots = lora_dot_options(x.dtype, lora_A.dtype, interpreted)
@@ -201,10 +207,12 @@ def forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed, *, scaling, d
         interpreter_config=dict(BLOCK_M=small_block(M, 32), BLOCK_K=small_block(K)))
     gemm = Launch(
         name="forward", kernel=_lora_forward_kernel,
-        args=(x, weight, bias if bias is not None else x, xa, lora_B, y, M, N, K, R,
+        args=(x, weight, bias if bias is not None else x, column_scale if column_scale is not None else x, xa, lora_B,
+              y, M, N, K, R,
               x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), xa.stride(0), xa.stride(1),
               lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1), float(scaling)),
-        meta=dict(HAS_BIAS=bias is not None, BLOCK_R=block_r, **_without(dots, "LORA_PRECISION")),
+        meta=dict(HAS_BIAS=bias is not None, HAS_COLUMN_SCALE=column_scale is not None, BLOCK_R=block_r,
+                  **_without(dots, "LORA_PRECISION")),
         grid=lambda c: (triton.cdiv(M, c["BLOCK_M"]) * triton.cdiv(N, c["BLOCK_N"]),),
         configs=_GEMM_CONFIGS, prune=_prune_forward, key=("M", "N", "K", "BLOCK_R"),
         interpreter_config=dict(BLOCK_M=small_block(M), BLOCK_N=small_block(N), BLOCK_K=small_block(K),
@@ -212,12 +220,13 @@ def forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed, *, scaling, d
     return [prologue, gemm]
 
 
-def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
+def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed, column_scale=None):
     """Run the fused forward.
 
     x: (M, K); weight: (N, K); bias: (N,) or None; lora_A: (r, K); lora_B: (N, r); seed: an int or a
     one-element int64 tensor (used when dropout_p > 0). Any strides are accepted.
     lora_A and lora_B are in x's dtype or (on a float16/bfloat16 x) float32.
+    column_scale: DoRA's g, (N,), or None: y = g * (x @ W^T + s * xa @ B^T) + b.
     Returns y: (M, N) in x's dtype and xa = dropout(x) @ A^T: (M, r) in the adapters' dtype.
     """
     check_lora_inputs(x, weight, bias, lora_A, lora_B)
@@ -230,14 +239,15 @@ def lora_forward(x, weight, bias, lora_A, lora_B, *, scaling, dropout_p, seed):
     if M == 0:
         return y, xa
     if N == 0 or K == 0:
-        y.zero_()
+        y.zero_()  # g * 0 + b
         if bias is not None:
             y += bias
         xa.zero_()
         return y, xa
     launches = forward_launches(x, weight, bias, lora_A, lora_B, y, xa, seed_tensor(seed, x.device),
                                 scaling=scaling, dropout_p=dropout_p,
-                                interpreted=is_interpreted(_lora_forward_kernel))
+                                interpreted=is_interpreted(_lora_forward_kernel),
+                                column_scale=None if column_scale is None else column_scale.contiguous())
     for launch in launches:
         run(launch, x)
     return y, xa

@@ -61,7 +61,8 @@ def dora_linear(x, weight, bias, lora_A, lora_B, magnitude, *, scaling, keep_mas
     norm = dora_weight_norm(weight.detach(), lora_A.detach(), lora_B.detach(), scaling=scaling)
     column_scale = magnitude / norm
     lora = F.linear(F.linear(dropped.to(lora_A.dtype), lora_A), lora_B) * scaling
-    y = column_scale * (F.linear(x, weight) + lora)
-    if bias is not None:
-        y = y + bias
-    return y.to(x.dtype)
+    # PEFT's arithmetic (DoraLinearLayer): the base layer's result with its bias, the bias taken off again,
+    # and result + (g - 1) * base + g * lora; in exact arithmetic g * (x @ W^T + lora) + b.
+    result = F.linear(x, weight, bias)
+    base = result - bias if bias is not None else result
+    return (result + (column_scale - 1) * base + column_scale * lora).to(x.dtype)

@@ -16,7 +16,7 @@ from .targets import ARCHS
 
 _DTYPE_NAMES = ("fp16", "bf16", "fp32", "fp64")
 _GRADS = ("dx", "dA", "dB")
-_KERNELS = ("forward_xa", "forward", "backward_dy", "backward_dx")
+_KERNELS = ("dora_norm", "forward_xa", "forward", "backward_dy", "backward_dx")
 
 
 def _shape(text):
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=positive_int, default=16, help="LoRA rank r (default 16)")
     parser.add_argument("--dropout", type=dropout_probability, default=0.1, help="lora_dropout p (default 0.1)")
     parser.add_argument("--no-bias", action="store_true", help="the base layer has no bias")
+    parser.add_argument("--dora", action="store_true",
+                        help="a FusedDoRALinear's step: adds the weight-norm kernel (dora_norm) and DoRA's work")
     parser.add_argument("--tf32", action="store_true", help="fp32 on TF32 matrix cores (torch's allow_tf32)")
     parser.add_argument("--shape", type=_shape, default=(8192, 4096, 4096),
                         help="M,K,N: tokens, in_features, out_features (default 8192,4096,4096: llama-7b q_proj)")
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     M, K, N = args.shape
     archs = list(ARCHS) if args.arch == "all" else [args.arch]
     variants = {arch: Variant(arch, args.dtype, args.rank, args.dropout, not args.no_bias, args.grads, args.tf32,
-                              args.adapter_dtype, M, K, N) for arch in archs}
+                              args.adapter_dtype, M, K, N, args.dora) for arch in archs}
     # The compiles run in worker processes (sweep.py): a compiler that aborts (an LLVM or ptxas crash) costs
     # the config it was compiling, which the table then names, instead of ending this command.
     try:
@@ -92,12 +94,13 @@ def main(argv=None) -> int:
     runs = {arch: result.variant_reports(variant) for arch, variant in variants.items()}
     findings = {arch: result.findings[variant] for arch, variant in variants.items()}
     problem = dict(dtype=args.dtype, adapter_dtype=args.adapter_dtype, rank=args.rank, dropout=args.dropout,
-                   bias=not args.no_bias, tf32=args.tf32, M=M, K=K, N=N, grads=list(args.grads))
+                   bias=not args.no_bias, tf32=args.tf32, M=M, K=K, N=N, grads=list(args.grads),
+                   dora=args.dora)
     document = to_document(runs, problem=problem, findings=findings)
     adapters = " (fp32 adapters)" if args.adapter_dtype else ""
     print(f"# triton {document['triton']}, torch {document['torch']}; {args.dtype}{adapters} r={args.rank} "
           f"dropout={args.dropout} bias={not args.no_bias} tf32={args.tf32} shape {M}x{K}->{N} "
-          f"grads {','.join(args.grads)}")
+          f"grads {','.join(args.grads)}" + (" DoRA" if args.dora else ""))
     print(format_table([report for reports in runs.values() for report in reports]))
     broken = [f"{arch}: {finding}" for arch in archs for finding in findings[arch]]
     print("\n" + ("\n".join(["rules broken:"] + broken) if broken else "every launch has a config that fits"))

@@ -58,12 +58,15 @@ class KernelReport:
 # ---- the problem's launches --------------------------------------------------------------------------------
 
 def problem_launches(*, dtype, rank, dropout, bias, M, K, N, needs_dx=True, needs_dA=True, needs_dB=True,
-                     adapter_dtype=None, scaling=2.0):
+                     adapter_dtype=None, scaling=2.0, dora=False):
     """The forward and backward launches of a FusedLoRALinear training step, built from CPU tensors of the
     real shapes (storage is never touched). The active target decides the configs (`Launch.candidate_configs`).
-    adapter_dtype: lora_A/lora_B's dtype (None: x's; float32 on a float16/bfloat16 model, PEFT's default)."""
+    adapter_dtype: lora_A/lora_B's dtype (None: x's; float32 on a float16/bfloat16 model, PEFT's default).
+    dora: a FusedDoRALinear's step instead: the weight-norm launch first, the column scale in the forward GEMM,
+    and the backward's DoRA work (dm and g * dy)."""
     from lorafuse.checks import check_adapter_dtype, seed_tensor
-    from lorafuse.kernels import backward_launches, forward_launches
+    from lorafuse.kernels import backward_launches, forward_launches, weight_norm_launch
+    from lorafuse.kernels.backward import DoraBackward
 
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -84,12 +87,19 @@ def problem_launches(*, dtype, rank, dropout, bias, M, K, N, needs_dx=True, need
     lora_A, lora_B, xa, dxa = (empty(*shape, of=adapter_dtype)
                                for shape in ((rank, K), (N, rank), (M, rank), (M, rank)))
     seed = seed_tensor(0, "cpu")
-    launches = forward_launches(x, weight, empty(N) if bias else None, lora_A, lora_B, empty(M, N), xa,
-                                seed, scaling=scaling, dropout_p=dropout, interpreted=False)
+    bias_tensor, y = empty(N) if bias else None, empty(M, N)
+    launches, column_scale, dora_backward = [], None, None
+    if dora:
+        column_scale = empty(N, of=acc)
+        launches.append(weight_norm_launch(weight, lora_A, lora_B, empty(N, of=acc), scaling=scaling,
+                                           interpreted=False))
+        dora_backward = DoraBackward(column_scale=column_scale, y=y, bias=bias_tensor, dm=empty(N, of=acc))
+    launches += forward_launches(x, weight, bias_tensor, lora_A, lora_B, y, xa, seed, scaling=scaling,
+                                 dropout_p=dropout, interpreted=False, column_scale=column_scale)
     launches += backward_launches(empty(M, N), x, weight, lora_A, lora_B, xa, dxa,
                                   empty(M, K) if needs_dx else None, empty(rank, K, of=acc) if needs_dA else None,
                                   empty(N, rank, of=acc) if needs_dB else None, empty(1, of=acc), seed,
-                                  scaling=scaling, dropout_p=dropout, interpreted=False)
+                                  scaling=scaling, dropout_p=dropout, interpreted=False, dora=dora_backward)
     return launches
 
 
@@ -252,12 +262,13 @@ def inspect_config(arch: str, launch, config, target) -> KernelReport:
 
 
 def inspect_problem(arch: str, *, dtype="bf16", rank=16, dropout=0.1, bias=True, M=8192, K=4096, N=4096,
-                    tf32=False, needs_dx=True, needs_dA=True, needs_dB=True, adapter_dtype=None, kernels=None) -> list:
+                    tf32=False, needs_dx=True, needs_dA=True, needs_dB=True, adapter_dtype=None, kernels=None,
+                    dora=False) -> list:
     """KernelReports for every kernel and every autotune candidate of a training step on `arch`.
 
     dtype: "fp16", "bf16", "fp32" or "fp64"; adapter_dtype: lora_A/lora_B's, None for dtype's or "fp32" on an
     fp16/bf16 model; tf32 lets fp32 tiles use TF32 matrix cores (torch's `allow_tf32`). kernels: launch names
-    to keep (None: all).
+    to keep (None: all). dora: a FusedDoRALinear's step (`problem_launches`).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, got {arch!r}")
@@ -273,7 +284,7 @@ def inspect_problem(arch: str, *, dtype="bf16", rank=16, dropout=0.1, bias=True,
         with compiling_for(arch) as target:
             launches = problem_launches(dtype=DTYPES[dtype], rank=rank, dropout=dropout, bias=bias, M=M, K=K, N=N,
                                         needs_dx=needs_dx, needs_dA=needs_dA, needs_dB=needs_dB,
-                                        adapter_dtype=DTYPES[adapter_dtype] if adapter_dtype else None)
+                                        adapter_dtype=DTYPES[adapter_dtype] if adapter_dtype else None, dora=dora)
             return [inspect_config(arch, launch, config, target) for launch in launches
                     if kernels is None or launch.name in kernels for config in launch.candidate_configs()]
     finally:

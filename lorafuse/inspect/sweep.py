@@ -58,13 +58,14 @@ class Variant:
     M: int = LLAMA_7B[0]
     K: int = LLAMA_7B[1]
     N: int = LLAMA_7B[2]
+    dora: bool = False  # a FusedDoRALinear's step (its weight-norm launch, DoRA's forward and backward)
 
     @property
     def label(self) -> str:
-        """`sm_90-bf16-r16-p0.1-bias-dx,dA,dB`: used as the pytest id."""
+        """`sm_90-bf16-r16-p0.1-bias-dx,dA,dB` (`...-dora` for DoRA): used as the pytest id."""
         dtype = self.dtype + ("-fp32adapters" if self.adapter_dtype else "") + ("-tf32" if self.tf32 else "")
         return (f"{self.arch}-{dtype}-r{self.rank}-p{self.dropout:g}-{'bias' if self.bias else 'nobias'}-"
-                f"{','.join(self.grads)}")
+                f"{','.join(self.grads)}" + ("-dora" if self.dora else ""))
 
 
 def all_variants() -> list:

@@ -40,7 +40,7 @@ def _launches(variant: dict):
     adapter = variant["adapter_dtype"]
     return problem_launches(dtype=DTYPES[variant["dtype"]], **problem, needs_dx="dx" in variant["grads"],
                             needs_dA="dA" in variant["grads"], needs_dB="dB" in variant["grads"],
-                            adapter_dtype=DTYPES[adapter] if adapter else None)
+                            adapter_dtype=DTYPES[adapter] if adapter else None, dora=variant.get("dora", False))
 
 
 def _with_target(variant: dict, work):
