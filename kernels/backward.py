@@ -96,7 +96,7 @@ def _lora_backward_dx_kernel(
     dx_ptr,  # *[M, K] output: input gradient (written when COMPUTE_DX)
     da_ptr,  # *fp32 (fp64 for fp64 inputs) [R, K] contiguous, zeroed: dA accumulates here (when COMPUTE_DA)
     seed_ptr,  # *int64 one element: the forward's dropout seed
-    scale_ptr,  # *[N] contiguous, accumulator dtype: DoRA's column scale g (read when SCALE_DY)
+    scale_ptr,  # *[N] contiguous, in dy's dtype: DoRA's column scale g (read when SCALE_DY)
     M, N, K, R,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak,
     stride_xm, stride_xk, stride_dxam, stride_dxar, stride_dxm, stride_dxk,
@@ -176,15 +176,18 @@ def _prune_dy(configs, named_args, **meta):
     size = tuning.element_size(named_args["dy_ptr"].dtype)
     adapter_size = tuning.element_size(named_args["b_ptr"].dtype)
     block_r = meta["BLOCK_R"]
+    # DoRA's dm reads y's tile beside dy's (pipelined the same way) and holds both in fp32 for dy * (y - b).
+    dm_tiles = 1 if meta.get("COMPUTE_DM") else 0
 
     def shared_bytes(cfg):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         # dy is an operand twice (dy @ B and dy^T @ xa, in the adapters' dtype), so count a transposed copy.
-        return (tuning.pipeline_buffers(cfg) * (bm * bn * size + bn * block_r * adapter_size)
+        return (tuning.pipeline_buffers(cfg) * ((1 + dm_tiles) * bm * bn * size + bn * block_r * adapter_size)
                 + (bm * bn + bm * block_r) * adapter_size)
 
     def accumulators(cfg):
-        return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        return (bm + bn) * block_r + dm_tiles * 2 * bm * bn
 
     def operand_bytes(cfg):  # dy twice (as is and transposed, in the adapters' dtype), B and xa
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -262,7 +265,7 @@ def backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused
         launches.append(Launch(
             name="backward_dx", kernel=_lora_backward_dx_kernel,
             args=(dy, weight, lora_A, x, dxa, dx if dx is not None else unused, da if da is not None else unused,
-                  seed, scale, M, N, K, R,
+                  seed, dora.column_scale.to(dy.dtype) if dora is not None else unused, M, N, K, R,
                   dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
                   lora_A.stride(0), lora_A.stride(1), x.stride(0), x.stride(1), dxa.stride(0), dxa.stride(1),
                   dx.stride(0) if dx is not None else 0, dx.stride(1) if dx is not None else 0,
@@ -281,7 +284,8 @@ def backward_launches(dy, x, weight, lora_A, lora_B, xa, dxa, dx, da, db, unused
 @dataclasses.dataclass(frozen=True)
 class DoraBackward:
     """What DoRA's backward adds to LoRA's: dy is scaled by column_scale (g, (N,) contiguous, accumulator
-    dtype) for every LoRA gradient, and, when dm is given ((N,) zeroed, accumulator dtype), sum over rows of
+    dtype; rounded to dy's dtype for the dx GEMM, whose main loop scales dy's tiles in their own dtype) for every
+    LoRA gradient, and, when dm is given ((N,) zeroed, accumulator dtype), sum over rows of
     dy * (y - bias) accumulates into it. y: the forward's output (M, N); bias: (N,) or None."""
 
     column_scale: torch.Tensor

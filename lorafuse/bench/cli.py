@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "GEMM pair); default shapes 8192,4096,4096 and 8192,4096,11008")
     parser.add_argument("--arch", choices=sorted(MACHINES), default="sm_90",
                         help="--static: the GPU to compile for (default sm_90, an H100)")
+    parser.add_argument("--adapter-dtype", choices=("fp32",),
+                        help="--static: fp32 adapters on the fp16/bf16 model (PEFT's default; default: the model's "
+                             "dtype)")
+    parser.add_argument("--dora", action="store_true",
+                        help="--static: a FusedDoRALinear's training step (DoRA) instead of LoRA's")
     return parser
 
 
@@ -153,7 +158,8 @@ def run_static_from_args(args, parser) -> int:
     except RuntimeError as exc:
         parser.error(str(exc))
     run_static(arch=args.arch, dtype=dtype, ranks=list(dict.fromkeys(args.rank or [16])),
-               dropouts=list(dict.fromkeys(args.dropout or [0.1])), shapes=shapes, json_path=args.json)
+               dropouts=list(dict.fromkeys(args.dropout or [0.1])), shapes=shapes, json_path=args.json,
+               adapter_dtype=args.adapter_dtype, dora=args.dora)
     return 0
 
 
@@ -167,6 +173,9 @@ def main(argv=None) -> int:
             parser.error(f"argument {flag}: cannot write {path}: {problem}")
     if args.static:
         return run_static_from_args(args, parser)
+    for option, value in (("--adapter-dtype", args.adapter_dtype), ("--dora", args.dora or None)):
+        if value is not None:
+            parser.error(f"{option} applies to --static only: the timed benchmark runs LoRA layers in --dtype")
     config = config_from_args(args, parser)
     env = environment.describe(config.device)
     for note in _notes(config, env):

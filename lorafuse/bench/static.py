@@ -25,6 +25,8 @@ from .shapes import Shape
 
 LABEL = "estimate from compiled code, not a measurement"
 LORA_KERNELS = ("forward_xa", "forward", "backward_dy", "backward_dx")
+#: What a FusedDoRALinear's step launches besides LoRA's four.
+DORA_KERNELS = ("dora_norm",)
 PLAIN_KERNELS = ("plain_x@W^T", "plain_dy@W")
 #: (LoRA GEMM kernel, its plain counterpart, the LoRA config's tiles -> the plain GEMM's tiles). The dx kernel
 #: is an (M, K) GEMM over N: its BLOCK_K is the plain GEMM's BLOCK_N and its BLOCK_N the plain BLOCK_K.
@@ -55,10 +57,13 @@ def check_compilable() -> None:
 
 
 def estimate_problem(arch: str, *, dtype: str, rank: int, dropout: float, shape: Shape, bias: bool = True,
-                     tf32: bool = False, select: Optional[Callable[[str, dict], bool]] = None) -> dict:
+                     tf32: bool = False, select: Optional[Callable[[str, dict], bool]] = None,
+                     adapter_dtype: Optional[str] = None, dora: bool = False) -> dict:
     """Every candidate's estimate and the summary for one problem (a dict ready for JSON).
 
     select(kernel, config) -> bool keeps only some configs (tests compile one small config per kernel).
+    adapter_dtype: "fp32" for fp32 adapters on the fp16/bf16 model (None: the model's dtype). dora: a
+    FusedDoRALinear's step (the weight-norm launch added, DoRA's work in the others).
     """
     from .plain_gemm import plain_gemm_launches
 
@@ -71,11 +76,13 @@ def estimate_problem(arch: str, *, dtype: str, rank: int, dropout: float, shape:
     torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
     try:
         with compiling_for(arch) as target:
-            launches = problem_launches(dtype=DTYPES[dtype], rank=rank, dropout=dropout, bias=bias, M=M, K=K, N=N)
+            launches = problem_launches(dtype=DTYPES[dtype], rank=rank, dropout=dropout, bias=bias, M=M, K=K, N=N,
+                                        adapter_dtype=DTYPES[adapter_dtype] if adapter_dtype else None, dora=dora)
             launches += plain_gemm_launches(dtype=DTYPES[dtype], M=M, K=K, N=N)
             candidates = {}
             for launch in launches:
-                kind = tensor_kind(dtype, launch.meta["PRECISION"])
+                # The weight norm has only low-rank products: LORA_PRECISION is its precision.
+                kind = tensor_kind(dtype, launch.meta.get("PRECISION", launch.meta.get("LORA_PRECISION")))
                 estimates = []
                 for config in launch.candidate_configs():
                     as_dict = {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
@@ -88,7 +95,8 @@ def estimate_problem(arch: str, *, dtype: str, rank: int, dropout: float, shape:
                 candidates[launch.name] = estimates
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous_tf32
-    return summarize(machine, candidates, dtype=dtype, rank=rank, dropout=dropout, shape=shape, bias=bias)
+    return summarize(machine, candidates, dtype=dtype, rank=rank, dropout=dropout, shape=shape, bias=bias,
+                     adapter_dtype=adapter_dtype, dora=dora)
 
 
 def _loop_side(estimate) -> dict:
@@ -117,16 +125,19 @@ def compare_loops(candidates: dict) -> list:
     return rows
 
 
-def summarize(machine, candidates: dict, *, dtype, rank, dropout, shape, bias) -> dict:
+def summarize(machine, candidates: dict, *, dtype, rank, dropout, shape, bias, adapter_dtype=None,
+              dora=False) -> dict:
     """The chosen config per kernel, the train step and its ratio to the plain GEMM pair."""
     M, K, N = shape
+    kernels = (*DORA_KERNELS, *LORA_KERNELS) if dora else LORA_KERNELS
     chosen = {name: choose(estimates) for name, estimates in candidates.items()}
-    missing = [name for name in (*LORA_KERNELS, *PLAIN_KERNELS) if name in candidates and chosen[name] is None]
-    step = [chosen[name] for name in LORA_KERNELS if chosen.get(name) is not None]
+    missing = [name for name in (*kernels, *PLAIN_KERNELS) if name in candidates and chosen[name] is None]
+    step = [chosen[name] for name in kernels if chosen.get(name) is not None]
     plain = [chosen[name] for name in PLAIN_KERNELS if chosen.get(name) is not None]
-    complete = not missing and len(step) == len(LORA_KERNELS) and len(plain) == len(PLAIN_KERNELS)
+    complete = not missing and len(step) == len(kernels) and len(plain) == len(PLAIN_KERNELS)
     summary = {
-        "label": LABEL, "arch": machine.arch, "dtype": dtype, "rank": rank, "dropout": dropout, "bias": bias,
+        "label": LABEL, "arch": machine.arch, "dtype": dtype, "adapter_dtype": adapter_dtype or dtype,
+        "dora": dora, "rank": rank, "dropout": dropout, "bias": bias,
         "shape": {"M": M, "K": K, "N": N}, "no_fitting_config": missing,
         "chosen": {name: estimate.to_json() for name, estimate in chosen.items() if estimate is not None},
         "candidates": {name: [_brief(e) for e in estimates] for name, estimates in candidates.items()},
@@ -138,6 +149,8 @@ def summarize(machine, candidates: dict, *, dtype, rank, dropout, shape, bias) -
         plain_flops = sum(e.matrix_flops for e in plain)
         step_flops = sum(e.matrix_flops for e in step)
         lora_math = 6 * M * rank * (K + N)  # xa, xa@B^T; dxa, dB, dA, dxa@A: 2 M r (K or N) each
+        if dora:
+            lora_math += 2 * N * K * rank  # the weight norm's B @ A, one tile at a time
         summary.update({
             "train_step_s": step_s, "plain_pair_s": plain_s, "ratio": step_s / plain_s,
             "dropout_draws_per_element": {e.kernel: e.draws_per_element for e in step if e.draws_per_element},
@@ -191,9 +204,11 @@ def _us(seconds) -> str:
 def format_problem(summary: dict) -> str:
     """One problem's table: the chosen config of each kernel, its terms, the train step and the plain pair."""
     shape = summary["shape"]
-    lines = [f"{shape['M']}x{shape['K']}->{shape['N']}  {summary['dtype']} r={summary['rank']} "
+    adapters = f" ({summary['adapter_dtype']} adapters)" if summary["adapter_dtype"] != summary["dtype"] else ""
+    method = "DoRA" if summary["dora"] else "LoRA"
+    lines = [f"{shape['M']}x{shape['K']}->{shape['N']}  {method} {summary['dtype']}{adapters} r={summary['rank']} "
              f"dropout={summary['dropout']:g}  [{LABEL}]", _row(*(name for name, _ in _COLUMNS))]
-    for name in (*LORA_KERNELS, *PLAIN_KERNELS):
+    for name in (*DORA_KERNELS, *LORA_KERNELS, *PLAIN_KERNELS):
         data = summary["chosen"].get(name)
         if data is None:
             if name in summary["candidates"]:
@@ -223,7 +238,7 @@ def format_problem(summary: dict) -> str:
 
 
 def run_static(*, arch: str, dtype: str, ranks, dropouts, shapes, json_path: Optional[str] = None,
-               print_fn=print) -> list:
+               print_fn=print, adapter_dtype: Optional[str] = None, dora: bool = False) -> list:
     """Estimate every (shape, rank, dropout), print each table, write JSON when asked; the summaries."""
     machine = machine_for(arch)
     print_fn(f"Static estimate for {arch} ({machine.name}): {LABEL}. Model and limits: bench/README.md.")
@@ -231,7 +246,8 @@ def run_static(*, arch: str, dtype: str, ranks, dropouts, shapes, json_path: Opt
     for shape in shapes:
         for rank in ranks:
             for dropout in dropouts:
-                summary = estimate_problem(arch, dtype=dtype, rank=rank, dropout=dropout, shape=shape)
+                summary = estimate_problem(arch, dtype=dtype, rank=rank, dropout=dropout, shape=shape,
+                                           adapter_dtype=adapter_dtype, dora=dora)
                 print_fn(format_problem(summary))
                 summaries.append(summary)
     if json_path:

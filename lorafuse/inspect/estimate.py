@@ -71,9 +71,10 @@ MACHINES = {
 
 #: The pointers each kernel writes; every other pointer the kernel uses is read. Launches by name.
 OUTPUTS = {
+    "dora_norm": ("norm_ptr",),
     "forward_xa": ("xa_ptr",),
     "forward": ("y_ptr",),
-    "backward_dy": ("dxa_ptr", "db_ptr"),
+    "backward_dy": ("dxa_ptr", "db_ptr", "dm_ptr"),
     "backward_dx": ("dx_ptr", "da_ptr"),
     "plain_x@W^T": ("c_ptr",),
     "plain_dy@W": ("c_ptr",),
