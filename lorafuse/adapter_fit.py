@@ -12,7 +12,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 
-from .adapter_io import PEFT_PREFIX, model_key
+from .adapter_io import MAGNITUDE, adapter_file_key, model_key
 from .config import LoRAConfig
 from .messages import listing
 from .targeting import find_targets, is_conv1d, pattern_value
@@ -27,7 +27,8 @@ def _features(module: nn.Module) -> Tuple[int, int]:
 
 
 def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> Dict[str, Tuple[int, int]]:
-    """"<path>.lora_A" / "<path>.lora_B" -> shape, for every layer `config` would adapt in `model`."""
+    """"<path>.lora_A" / "<path>.lora_B" (and "<path>.lora_magnitude_vector" with use_dora) -> shape, for every
+    layer `config` would adapt in `model`."""
     with warnings.catch_warnings():
         # apply_lora gives the same warnings (unmatched names, skipped layers) when it runs next.
         warnings.simplefilter("ignore")
@@ -38,19 +39,22 @@ def expected_adapter_shapes(model: nn.Module, config: LoRAConfig) -> Dict[str, T
         r = pattern_value(config.rank_pattern, path, config.r, source=config.source)
         shapes[f"{path}.lora_A"] = (r, in_features)
         shapes[f"{path}.lora_B"] = (out_features, r)
+        if config.use_dora:
+            shapes[f"{path}.{MAGNITUDE}"] = (out_features,)
     return shapes
 
 
 def check_adapter_fits(model: nn.Module, config: LoRAConfig, state_dict: Dict[str, torch.Tensor], *,
                        source: str) -> None:
-    """ValueError naming `source` (the weights file) when a lora_A / lora_B that `config` implies for `model`
-    is missing from `state_dict` or has another shape; the message gives each key, the shape expected (from
-    r / rank_pattern and the layer's features) and the shape in the file. Other keys are left to the loader."""
+    """ValueError naming `source` (the weights file) when a lora_A / lora_B (or DoRA magnitude) that `config`
+    implies for `model` is missing from `state_dict` or has another shape; the message gives each key, the shape
+    expected (from r / rank_pattern and the layer's features) and the shape in the file. Other keys are left to
+    the loader."""
     incoming = {model_key(key): (key, value) for key, value in state_dict.items()}
     missing, wrong = [], []
     for name, shape in expected_adapter_shapes(model, config).items():
         if name not in incoming:
-            missing.append(f"{PEFT_PREFIX}{name}.weight")
+            missing.append(adapter_file_key(name))
             continue
         key, value = incoming[name]
         if tuple(value.shape) != shape:

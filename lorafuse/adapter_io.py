@@ -2,7 +2,8 @@
 
 A directory holds `adapter_config.json` and `adapter_model.safetensors`, exactly as PEFT's
 `save_pretrained` writes them, so either library loads the other's adapters. Keys are
-`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`; a trained bias of an adapted layer
+`base_model.model.<module path>.lora_A.weight` / `.lora_B.weight`, and for DoRA
+`base_model.model.<module path>.lora_magnitude_vector` (no ".weight"); a trained bias of an adapted layer
 is `<path>.base_layer.bias` (PEFT keeps the wrapped layer as `base_layer`); other saved parameters
 (bias="all", modules_to_save) keep their own path. Nothing is ever read with pickle.
 """
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from .atomic_files import atomic_write, remove_stale_temp_files
 from .config import LoRAConfig
+from .dora_layer import FusedDoRALinear
 from .layer import lora_scaling
 from .messages import listing
 from .peft_fields import check_peft_fields
@@ -31,6 +33,12 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 #: Metadata key of a weights file lorafuse writes: the sha256 of the adapter_config.json written with it.
 CONFIG_SHA256_KEY = "lorafuse_config_sha256"
+#: DoRA's trained magnitude, by the name PEFT gives it in files.
+MAGNITUDE = "lora_magnitude_vector"
+#: What PEFT's file keys add after the name of each adapter tensor: lora_A / lora_B are nn.Linear modules in
+#: PEFT, hence ".weight"; the DoRA magnitude is held by a module too, but PEFT saves it without ".weight" to keep
+#: its older files loadable (peft 0.21.2: LoraModel._get_adapter_state_dict strips it, and loading adds it back).
+FILE_KEY_SUFFIX = {"lora_A": ".weight", "lora_B": ".weight", MAGNITUDE: ""}
 
 
 class LoadResult(NamedTuple):
@@ -40,21 +48,33 @@ class LoadResult(NamedTuple):
     unexpected_keys: List[str]
 
 
+def adapter_tensors(layer: nn.Module) -> Dict[str, nn.Parameter]:
+    """Name -> parameter for the trained parameters of one adapted layer (its adapter_parameters(): lora_A,
+    lora_B and, in a FusedDoRALinear, lora_magnitude_vector)."""
+    adapter = {id(param) for param in layer.adapter_parameters()}
+    return {name: param for name, param in layer.named_parameters(recurse=False) if id(param) in adapter}
+
+
 def _saved_parameters(model: nn.Module, config: Optional[LoRAConfig]) -> Dict[str, nn.Parameter]:
     """Parameter path in the model -> parameter, for every tensor an adapter holds."""
     params = {}
     for path, layer in lora_layers(model):
-        params[f"{path}.lora_A"] = layer.lora_A
-        params[f"{path}.lora_B"] = layer.lora_B
+        params.update((f"{path}.{name}", param) for name, param in adapter_tensors(layer).items())
     if config is not None:
         params.update(extra_trainable_parameters(model, config))
     return params
 
 
+def adapter_file_key(name: str) -> str:
+    """The file key of the adapter tensor at model path `name` ("<layer path>.lora_A", "....lora_magnitude_vector")."""
+    path, _, leaf = name.rpartition(".")
+    return f"{PEFT_PREFIX}{path}.{leaf}{FILE_KEY_SUFFIX[leaf]}"
+
+
 def _file_key(name: str, lora_paths: set) -> str:
     path, _, leaf = name.rpartition(".")
     if path in lora_paths:
-        name = f"{path}.{leaf}.weight" if leaf in ("lora_A", "lora_B") else f"{path}.base_layer.{leaf}"
+        return adapter_file_key(name) if leaf in FILE_KEY_SUFFIX else f"{PEFT_PREFIX}{path}.base_layer.{leaf}"
     return PEFT_PREFIX + name
 
 
@@ -68,11 +88,31 @@ def model_key(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
+def check_dora_keys(model: nn.Module, names) -> None:
+    """ValueError when the adapter tensors at model paths `names` are of the other kind than the layers they are
+    for: a DoRA magnitude for a plain LoRA layer, or lora_A / lora_B without a magnitude for a DoRA layer. Either
+    would load as something else than was trained (the magnitude dropped, or one left at its first value), so it
+    is refused whatever `strict` says."""
+    names = set(names)
+    wrong = []
+    for path, layer in lora_layers(model):
+        has_magnitude = f"{path}.{MAGNITUDE}" in names
+        has_low_rank = f"{path}.lora_A" in names or f"{path}.lora_B" in names
+        if isinstance(layer, FusedDoRALinear) and has_low_rank and not has_magnitude:
+            wrong.append(f"{path} is a DoRA layer, but the adapter has no {MAGNITUDE} for it (a plain LoRA adapter?)")
+        elif not isinstance(layer, FusedDoRALinear) and has_magnitude:
+            wrong.append(f"{path} is a plain LoRA layer, but the adapter has a DoRA {MAGNITUDE} for it")
+    if wrong:
+        raise ValueError(f"adapter and model disagree on DoRA: {listing(wrong, separator='; ')}. Build the model "
+                         "with the adapter's own config (LoRAModel.from_pretrained), or with LoRAConfig(use_dora=...) "
+                         "as the adapter was trained")
+
+
 def lora_state_dict(model: nn.Module, *, config: Optional[LoRAConfig] = None) -> Dict[str, torch.Tensor]:
     """The adapter's tensors (detached, sharing storage with the model) under PEFT's file keys.
 
-    Holds lora_A / lora_B of every FusedLoRALinear; with `config`, also the biases and modules_to_save
-    parameters it trains.
+    Holds lora_A / lora_B of every FusedLoRALinear (and lora_magnitude_vector of a FusedDoRALinear); with
+    `config`, also the biases and modules_to_save parameters it trains.
     """
     lora_paths = {path for path, _ in lora_layers(model)}
     return {_file_key(name, lora_paths): p.detach() for name, p in _saved_parameters(model, config).items()}
@@ -84,9 +124,9 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
     """Copy an adapter state dict (lorafuse's or PEFT's keys, with or without "base_model.model.") into
     `model`'s FusedLoRALinear layers (and, with `config`, its trained biases and modules_to_save).
 
-    Shape mismatches and parameters on the meta device always raise ValueError, as do missing or unexpected
-    keys when `strict`; nothing is copied unless every check passes. Merged layers are unmerged for the copy
-    and merged again.
+    Shape mismatches, parameters on the meta device and DoRA tensors for plain LoRA layers (or plain LoRA tensors
+    for DoRA layers, `check_dora_keys`) always raise ValueError, as do missing or unexpected keys when `strict`;
+    nothing is copied unless every check passes. Merged layers are unmerged for the copy and merged again.
     """
     check_tensor_dict(state_dict)
     expected = _saved_parameters(model, config)
@@ -96,6 +136,7 @@ def load_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Tensor], 
         if name in incoming:
             raise ValueError(f"state_dict has two keys for {name!r}: {incoming[name][0]!r} and {key!r}")
         incoming[name] = (key, value)
+    check_dora_keys(model, incoming)
     lora_paths = {path for path, _ in lora_layers(model)}
     missing = [_file_key(name, lora_paths) for name in expected if name not in incoming]
     unexpected = [key for name, (key, _) in incoming.items() if name not in expected]
@@ -169,6 +210,7 @@ def adapter_config_dict(model: nn.Module, config: LoRAConfig) -> dict:
         "layers_to_transform": None,
         "layers_pattern": None,
         "use_rslora": config.use_rslora,
+        "use_dora": _uses_dora(layers),
         "bias": config.bias,
         "modules_to_save": find_modules_to_save(model, config) or None,
         "rank_pattern": dict(config.rank_pattern),
@@ -177,6 +219,16 @@ def adapter_config_dict(model: nn.Module, config: LoRAConfig) -> dict:
         "init_lora_weights": True,
         "inference_mode": True,
     }
+
+
+def _uses_dora(layers) -> bool:
+    """Whether the adapted layers are DoRA layers; PEFT's use_dora holds for all of them, so a mix cannot be saved."""
+    dora = [path for path, layer in layers if isinstance(layer, FusedDoRALinear)]
+    if dora and len(dora) < len(layers):
+        plain = [path for path, layer in layers if not isinstance(layer, FusedDoRALinear)]
+        raise ValueError(f"the model mixes DoRA layers ({listing(dora)}) with plain LoRA layers ({listing(plain)}); "
+                         "PEFT's adapter_config.json has one use_dora for all of them, so this adapter cannot be saved")
+    return bool(dora)
 
 
 def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> LoRAConfig:
@@ -200,7 +252,8 @@ def config_from_adapter_dict(data: dict, *, source: str = "adapter config") -> L
             layers_to_transform=layers, layers_pattern=layers_pattern,
             use_rslora=data.get("use_rslora", False), bias=data.get("bias", "none"),
             modules_to_save=data.get("modules_to_save"), rank_pattern=data.get("rank_pattern"),
-            alpha_pattern=data.get("alpha_pattern"))
+            alpha_pattern=data.get("alpha_pattern"),
+            use_dora=False if data.get("use_dora") is None else data["use_dora"])
     except ValueError as err:
         raise ValueError(f"{source}: {err}") from None
     # modules_to_save names the model lacks are dropped, as PEFT does (LoRAConfig.from_adapter_file).
@@ -364,12 +417,28 @@ def check_adapter_scaling(model: nn.Module, file_config: LoRAConfig, source: str
                          f"config (LoRAModel.from_pretrained) instead: {listing(wrong, separator='; ')}")
 
 
+def check_adapter_dora(model: nn.Module, file_config: LoRAConfig, source: str) -> None:
+    """Refuse a DoRA adapter (use_dora true in its config) for a model with plain LoRA layers, and the reverse:
+    loading one as the other would drop the trained magnitude, or keep one the adapter never trained."""
+    layers = lora_layers(model)
+    plain = [path for path, layer in layers if not isinstance(layer, FusedDoRALinear)]
+    if file_config.use_dora and plain:
+        raise ValueError(f"{source} is a DoRA adapter (use_dora=true), but the model's layers {listing(plain)} are "
+                         "plain LoRA: build the model with LoRAConfig(use_dora=True), or from the adapter's own "
+                         "config (LoRAModel.from_pretrained)")
+    if not file_config.use_dora and len(plain) < len(layers):
+        dora = [path for path, layer in layers if isinstance(layer, FusedDoRALinear)]
+        raise ValueError(f"{source} is a plain LoRA adapter (use_dora false or absent), but the model's layers "
+                         f"{listing(dora)} are DoRA layers: build the model with LoRAConfig(use_dora=False), or from "
+                         "the adapter's own config (LoRAModel.from_pretrained)")
+
+
 def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     """Load the adapter in directory `path` (written by lorafuse or PEFT) into `model` adapted by `config`.
 
     Raises ValueError for files that do not belong together (`read_adapter`), listing missing or unexpected
-    keys, shape mismatches, or layers whose scaling differs from the adapter's; FileNotFoundError when a file
-    is absent.
+    keys, shape mismatches, or layers whose scaling differs from the adapter's, and for a DoRA adapter loaded
+    into plain LoRA layers or the reverse; FileNotFoundError when a file is absent.
     """
     file_config, state_dict = read_adapter(path)
     load_adapter_state(model, file_config, state_dict, config=config)
@@ -380,6 +449,7 @@ def load_adapter_state(model: nn.Module, file_config: LoRAConfig, state_dict: Di
     """What load_adapter does once `read_adapter` has given the file's config and tensors; errors about the
     tensors name the weights file."""
     warn_if_other_base_model(model, file_config)
+    check_adapter_dora(model, file_config, file_config.source)
     check_adapter_scaling(model, file_config, file_config.source)
     try:
         load_lora_state_dict(model, state_dict, strict=True, config=config)

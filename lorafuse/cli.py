@@ -33,11 +33,11 @@ class _InfiniTrainRank(argparse.Action):
 
 def add_lora_arguments(parser):
     """Add --use-lora, --lora-r, --lora-alpha, --lora-dropout, --lora-target-modules, --lora-use-rslora,
-    --lora-save-path, --lora-load-path and --lora-only-trainable to `parser` (an ArgumentParser or argument
-    group), in a "LoRA" group, with InfiniTrain's spellings as aliases: --lora_rank (see the module docstring),
-    --lora_alpha, --lora_target_modules, --lora_save_path, --lora_load_path. Values are checked by the parser
-    (a rank of 0, a dropout outside [0, 1), a non-finite alpha exit with status 2, naming the flag). Returns the
-    group. Build the config with `LoRAConfig.from_args(args)`."""
+    --lora-use-dora, --lora-adapter-dtype, --lora-save-path, --lora-load-path and --lora-only-trainable to `parser`
+    (an ArgumentParser or argument group), in a "LoRA" group, with InfiniTrain's spellings as aliases: --lora_rank
+    (see the module docstring), --lora_alpha, --lora_target_modules, --lora_save_path, --lora_load_path. Values are
+    checked by the parser (a rank of 0, a dropout outside [0, 1), a non-finite alpha exit with status 2, naming the
+    flag). Returns the group. Build the config with `LoRAConfig.from_args(args)`."""
     if isinstance(parser, argparse.ArgumentParser):
         group = parser.add_argument_group("LoRA", "low-rank adapters computed by lorafuse's fused kernels")
     elif isinstance(parser, argparse._ArgumentGroup):
@@ -58,6 +58,8 @@ def add_lora_arguments(parser):
                             "the attention projections of the first family whose names the model has all of: "
                             f"{describe_default_targets()}")
     group.add_argument("--lora-use-rslora", action="store_true", help="rank-stabilised scaling alpha / sqrt(r)")
+    group.add_argument("--lora-use-dora", action="store_true",
+                       help="DoRA: also train a magnitude per output feature (PEFT's use_dora)")
     group.add_argument("--lora-adapter-dtype", choices=("auto", "base", "float32"), default="auto",
                        help="dtype of lora_A / lora_B: auto (PEFT's default) is float32 on float16/bfloat16 "
                             "layers and the layer's dtype otherwise; base is always the layer's")

@@ -103,8 +103,11 @@ class LoRAConfig:
         saved with the adapter, e.g. a new classification head.
     rank_pattern, alpha_pattern: per-module r / lora_alpha; each key is a regex that must match the end
         of the module's path (PEFT's rule); the first matching key wins.
-    adapter_dtype: lora_A / lora_B's dtype. "auto" (PEFT's default, autocast_adapter_dtype=True): float32
-        on float16/bfloat16 layers, the layer's dtype otherwise; "base": the layer's dtype; "float32".
+    use_dora: DoRA (weight-decomposed LoRA, PEFT's use_dora): every targeted layer becomes a FusedDoRALinear,
+        which also trains a magnitude vector (out_features,), saved as PEFT saves it.
+    adapter_dtype: the dtype of lora_A, lora_B (and the DoRA magnitude). "auto" (PEFT's default,
+        autocast_adapter_dtype=True): float32 on float16/bfloat16 layers, the layer's dtype otherwise; "base": the
+        layer's dtype; "float32".
         Not written to adapter_config.json (PEFT has no such field): the saved tensors carry their dtype.
 
     `from_adapter_file` is True for a config read from an adapter file (lorafuse.read_adapter_config,
@@ -132,6 +135,7 @@ class LoRAConfig:
     modules_to_save: Optional[Tuple[str, ...]] = None
     rank_pattern: Dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: Dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
     adapter_dtype: str = "auto"
 
     def __init__(self, *, r: int = 8, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
@@ -141,7 +145,7 @@ class LoRAConfig:
                  layers_pattern: Union[None, str, Sequence[str]] = None,
                  use_rslora: bool = False, bias: str = "none", modules_to_save: Optional[Sequence[str]] = None,
                  rank_pattern: Optional[Dict[str, int]] = None, alpha_pattern: Optional[Dict[str, float]] = None,
-                 adapter_dtype: str = "auto"):
+                 use_dora: bool = False, adapter_dtype: str = "auto"):
         self.r = _positive_number("r", r, integer=True)
         self.lora_alpha = _positive_number("lora_alpha", lora_alpha, integer=False)
         check_dropout(lora_dropout)
@@ -167,6 +171,9 @@ class LoRAConfig:
         self.modules_to_save = _names("modules_to_save", modules_to_save, allow_regex=False)
         self.rank_pattern = _pattern("rank_pattern", rank_pattern, integer=True)
         self.alpha_pattern = _pattern("alpha_pattern", alpha_pattern, integer=False)
+        if not isinstance(use_dora, bool):
+            raise ValueError(f"use_dora must be True or False, got {use_dora!r}")
+        self.use_dora = use_dora
         if adapter_dtype not in ("auto", "base", "float32"):
             # float16/bfloat16/float64 are valid only on a base of that dtype: say "base" for those.
             raise ValueError(f"adapter_dtype must be 'auto', 'base' or 'float32', got {adapter_dtype!r}")
@@ -193,6 +200,7 @@ class LoRAConfig:
     def from_args(cls, args) -> "LoRAConfig":
         """The config an argparse namespace built by `lorafuse.add_lora_arguments` describes.
 
+        A namespace without lora_use_dora or lora_adapter_dtype (built by hand) gets their defaults.
         --lora-target-modules takes names (space- or comma-separated) or "all-linear" alone; unset means the
         architecture's defaults (target_modules=None).
         """
@@ -210,4 +218,5 @@ class LoRAConfig:
                 targets = ALL_LINEAR
         return cls(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                    target_modules=targets, use_rslora=args.lora_use_rslora,
+                   use_dora=getattr(args, "lora_use_dora", False),
                    adapter_dtype=getattr(args, "lora_adapter_dtype", "auto"))

@@ -1,5 +1,5 @@
-"""LoRA on a whole model: `apply_lora` swaps targeted layers for FusedLoRALinear; `LoRAModel` wraps the
-result with merging, adapter files, a summary and a base-model-only mode."""
+"""LoRA on a whole model: `apply_lora` swaps targeted layers for FusedLoRALinear (FusedDoRALinear with
+use_dora); `LoRAModel` wraps the result with merging, adapter files, a summary and a base-model-only mode."""
 
 import contextlib
 import os
@@ -12,6 +12,7 @@ import torch.nn as nn
 from . import adapter_io
 from .adapter_fit import check_adapter_fits
 from .config import LoRAConfig
+from .dora_layer import FusedDoRALinear
 from .layer import FusedLoRALinear
 from .messages import listing
 from .summary import LoRASummary, count_parameters, summarize
@@ -63,8 +64,9 @@ def _warn_hooks(model: nn.Module, targets: List[str]) -> None:
 
 
 def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
-    """Replace, in place, every layer `config` targets with a FusedLoRALinear sharing its weight and bias,
-    freeze everything else except what `config` trains (bias, modules_to_save), and return `model`.
+    """Replace, in place, every layer `config` targets with a FusedLoRALinear (a FusedDoRALinear when
+    `config.use_dora`) sharing its weight and bias, freeze everything else except what `config` trains (bias,
+    modules_to_save), and return `model`.
 
     Raises ValueError for a config that matches nothing and TypeError for a target that is not exactly an
     nn.Linear or transformers Conv1D (a subclass would lose its own forward) or whose weight is not float16,
@@ -82,6 +84,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
     find_modules_to_save(model, config, warn=True)  # fail on a bad name before anything changes
     _warn_tied(model, targets)
     _warn_hooks(model, targets)
+    layer_class = FusedDoRALinear if config.use_dora else FusedLoRALinear
     for path in targets:
         module = model.get_submodule(path)
         options = {
@@ -92,7 +95,7 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
             "use_rslora": config.use_rslora,
             "adapter_dtype": config.adapter_dtype,
         }
-        wrap = FusedLoRALinear.from_conv1d if is_conv1d(module) else FusedLoRALinear.from_linear
+        wrap = layer_class.from_conv1d if is_conv1d(module) else layer_class.from_linear
         layer = wrap(module, **options)
         layer.train(module.training)
         _set_submodule(model, path, layer)
@@ -103,7 +106,8 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> nn.Module:
 
 
 def freeze_base(model: nn.Module) -> nn.Module:
-    """Make only the lora_A / lora_B parameters of `model`'s FusedLoRALinear layers trainable."""
+    """Make only the adapter parameters of `model`'s FusedLoRALinear layers trainable (lora_A, lora_B and, in
+    a FusedDoRALinear, lora_magnitude_vector)."""
     _check_model(model)
     adapter = {id(p) for p in lora_parameters(model)}
     for param in model.parameters():
@@ -112,8 +116,9 @@ def freeze_base(model: nn.Module) -> nn.Module:
 
 
 def lora_parameters(model: nn.Module) -> List[nn.Parameter]:
-    """lora_A and lora_B of every FusedLoRALinear in `model`, for an optimizer."""
-    return [p for _, layer in lora_layers(model) for p in (layer.lora_A, layer.lora_B)]
+    """The adapter parameters of every FusedLoRALinear in `model` (lora_A, lora_B; DoRA layers add
+    lora_magnitude_vector), for an optimizer."""
+    return [p for _, layer in lora_layers(model) for p in layer.adapter_parameters()]
 
 
 def _plain_layer(layer: FusedLoRALinear) -> nn.Module:

@@ -1,7 +1,8 @@
 """Which fields of a PEFT adapter_config.json lorafuse implements, and with which values.
 
 An allow-list: PEFT adds LoRA options every release, and many of them change the base weight or the forward
-(PiSSA and OLoRA rewrite W, DoRA rescales it, KaSA and VeLoRA change the adapter's math). Loaded as plain
+(PiSSA and OLoRA rewrite W, KaSA and VeLoRA change the adapter's math). DoRA (use_dora) is implemented: its
+layers are FusedDoRALinear. Loaded as plain
 LoRA, such an adapter gives other outputs without a word. So a field that is not listed here is accepted
 only while it is off (None, False, or an empty list, dict or string: how PEFT writes an unused option),
 and next year's option is refused by name instead of silently ignored.
@@ -13,7 +14,7 @@ from .messages import listing
 
 #: Fields that `config_from_adapter_dict` turns into LoRAConfig fields, which check their values.
 IMPLEMENTED = ("r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-               "layers_pattern", "use_rslora", "bias", "modules_to_save", "rank_pattern", "alpha_pattern")
+               "layers_pattern", "use_rslora", "bias", "modules_to_save", "rank_pattern", "alpha_pattern", "use_dora")
 
 #: Fields that do not change what a loaded adapter computes, whatever their value, and why.
 NO_EFFECT = {
@@ -37,7 +38,6 @@ PLAIN_INITS = (True, False, "gaussian", "orthogonal")
 REFUSED = {
     "init_lora_weights": "PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base weight (PEFT redoes it on loading), "
                          "MiCA freezes B, EVA derives A from data",
-    "use_dora": "DoRA rescales the weight by a trained magnitude",
     "lora_bias": "a trained bias on lora_B",
     "use_qalora": "QALoRA pools the input in groups",
     "use_bdlora": "block-diagonal adapters",

@@ -5,6 +5,7 @@ from typing import Tuple
 
 import torch.nn as nn
 
+from .dora_layer import FusedDoRALinear
 from .targeting import lora_layers
 
 
@@ -31,7 +32,8 @@ def count_parameters(model: nn.Module) -> ParameterCount:
 
 @dataclasses.dataclass(frozen=True)
 class AdaptedModule:
-    """One FusedLoRALinear: its path, the layer it replaced, its shape and adapter size r * (in + out)."""
+    """One FusedLoRALinear: its path, the layer it replaced, its shape and adapter size r * (in + out), plus out
+    for the magnitude of a DoRA layer."""
 
     name: str
     kind: str
@@ -41,6 +43,7 @@ class AdaptedModule:
     lora_alpha: float
     scaling: float
     parameters: int
+    use_dora: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +61,8 @@ class LoRASummary:
 
     def __str__(self) -> str:
         header = ("module", "layer", "in", "out", "r", "alpha", "scaling", "params")
-        rows = [(m.name, m.kind, str(m.in_features), str(m.out_features), str(m.r), f"{m.lora_alpha:g}",
-                 f"{m.scaling:g}", f"{m.parameters:,}") for m in self.modules]
+        rows = [(m.name, m.kind + (" DoRA" if m.use_dora else ""), str(m.in_features), str(m.out_features), str(m.r),
+                 f"{m.lora_alpha:g}", f"{m.scaling:g}", f"{m.parameters:,}") for m in self.modules]
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
 
         def line(row):
@@ -78,7 +81,8 @@ def summarize(model: nn.Module) -> LoRASummary:
         AdaptedModule(name=name, kind="Conv1D" if layer.fan_in_fan_out else "Linear",
                       in_features=layer.in_features, out_features=layer.out_features, r=layer.r,
                       lora_alpha=layer.lora_alpha, scaling=layer.scaling,
-                      parameters=layer.lora_A.numel() + layer.lora_B.numel())
+                      parameters=sum(p.numel() for p in layer.adapter_parameters()),
+                      use_dora=isinstance(layer, FusedDoRALinear))
         for name, layer in lora_layers(model))
     counts = count_parameters(model)
     return LoRASummary(modules=modules, adapter_parameters=sum(m.parameters for m in modules),

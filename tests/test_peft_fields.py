@@ -43,7 +43,6 @@ def test_peft_inits_that_rewrite_the_base_weight_are_refused(tmp_path, init):
     ("velora_config", {"rank": 2}),
     ("monteclora_config", {"num_samples": 4}),
     ("loftq_config", {"loftq_bits": 4}),
-    ("use_dora", True),
     ("lora_bias", True),
     ("target_parameters", ["experts.gate_up_proj"]),
     ("a_peft_option_from_next_year", 3),
@@ -72,9 +71,15 @@ def test_options_that_do_not_change_the_adapter_load(field, value):
     assert config.r == 4 and config.target_modules == ("q_proj",)
 
 
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), (None, False)])
+def test_use_dora_is_implemented(value, expected):
+    # PEFT writes false when DoRA is off; null is read as off too, like every other unused option.
+    assert config_from_adapter_dict({**BASE, "use_dora": value}, source=SOURCE).use_dora is expected
+
+
 def test_every_option_refused_at_once_and_a_huge_value_shown_short():
-    with pytest.raises(ValueError, match=r"use_dora=True \(DoRA.*; kasa_config=\{'x': 'aaaa.*\.\.\. \(KaSA") as error:
-        config_from_adapter_dict({**BASE, "use_dora": True, "kasa_config": {"x": "a" * 10**6}}, source=SOURCE)
+    with pytest.raises(ValueError, match=r"lora_bias=True \(a .*; kasa_config=\{'x': 'aaaa.*\.\.\. \(KaSA") as error:
+        config_from_adapter_dict({**BASE, "lora_bias": True, "kasa_config": {"x": "a" * 10**6}}, source=SOURCE)
     assert len(str(error.value)) < 600
 
 

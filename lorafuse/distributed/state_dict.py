@@ -68,12 +68,14 @@ def distribute_lora_state_dict(model: nn.Module, state_dict: Dict[str, torch.Ten
     into the model; a sharded parameter takes its own shard, cut locally with no communication, so every
     rank passes the whole dict.
 
-    Returns (missing_keys, unexpected_keys). strict=True raises KeyError for either; a shape mismatch
-    always raises ValueError; nothing is copied unless every check passes.
+    Returns (missing_keys, unexpected_keys). strict=True raises KeyError for either; a shape mismatch, or DoRA
+    tensors for plain LoRA layers and the reverse (`lorafuse.adapter_io.check_dora_keys`), always raise
+    ValueError; nothing is copied unless every check passes.
     """
     adapter_io.check_tensor_dict(state_dict)
     targets = _targets(model, config)
     incoming = {key if key.startswith(PEFT_PREFIX) else PEFT_PREFIX + key: value for key, value in state_dict.items()}
+    adapter_io.check_dora_keys(unwrap(model), [adapter_io.model_key(key) for key in incoming])
     missing = sorted(targets.keys() - incoming.keys())
     unexpected = sorted(incoming.keys() - targets.keys())
     if strict and (missing or unexpected):
@@ -122,6 +124,7 @@ def load_adapter(model: nn.Module, path, *, config: LoRAConfig) -> None:
     keys, shapes, scaling)."""
     file_config, state_dict = adapter_io.read_adapter(path)  # also refuses files that do not belong together
     adapter_io.warn_if_other_base_model(unwrap(model), file_config)
+    adapter_io.check_adapter_dora(unwrap(model), file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
     adapter_io.check_adapter_scaling(unwrap(model), file_config, os.path.join(os.fspath(path), ADAPTER_CONFIG))
     distribute_lora_state_dict(model, state_dict, strict=True, config=config)
 

@@ -16,6 +16,7 @@ from torch.distributed.tensor import DeviceMesh, DTensor, Replicate, Shard, dist
 from torch.distributed.tensor.parallel import ParallelStyle
 from torch.distributed.tensor.placement_types import Placement
 
+from ..dora_layer import FusedDoRALinear
 from ..layer import FusedLoRALinear
 from .sharded import LAYOUTS, check_row_split, contiguous_strides, normalized, shard_size, sharded_lora_linear
 
@@ -24,6 +25,13 @@ def _check_module(module, style):
     if not isinstance(module, FusedLoRALinear):
         raise TypeError(f"{style} shards FusedLoRALinear layers, got {type(module).__name__}; use torch's "
                         f"ColwiseParallel/RowwiseParallel for plain nn.Linear")
+    if isinstance(module, FusedDoRALinear):
+        # Its forward is dora_linear, not lora_function, so a sharded lora_function would never run; and the row
+        # norms ||W + s B A|| need every input feature, which row-wise sharding splits over the ranks.
+        raise TypeError(f"{style} cannot shard FusedDoRALinear(in_features={module.in_features}, out_features="
+                        f"{module.out_features}): tensor parallelism is not implemented for DoRA layers (DoRA's "
+                        "row norms of W + s B A need an all-reduce when W is split by input features); use "
+                        "DDP or FSDP2 (lorafuse.distributed.shard_lora_model) for a DoRA model")
 
 
 def _check_placement(name, value):

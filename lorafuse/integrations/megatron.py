@@ -256,13 +256,18 @@ def apply_lora_to_megatron_model(model: Union[nn.Module, List[nn.Module]], confi
 
     config: a LoRAConfig. target_modules None means linear_qkv and linear_proj; "all-linear" the four
     block linears; names and regexes match paths as in `apply_lora`. bias and modules_to_save are not
-    supported here (ValueError): only the adapter trains.
+    supported here (ValueError): only the adapter trains. Nor is use_dora (ValueError).
     """
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"config must be a lorafuse LoRAConfig, got {type(config).__name__}")
     if config.bias != "none" or config.modules_to_save:
         raise ValueError(f"apply_lora_to_megatron_model trains the adapter only: bias must be 'none' and "
                          f"modules_to_save None, got bias={config.bias!r}, modules_to_save={config.modules_to_save}")
+    if config.use_dora:
+        # PEFT refuses DoRA on Megatron too: W is split over tensor-parallel ranks, and DoRA's row norms of
+        # W + s B A would need an all-reduce that these layers do not do.
+        raise ValueError("apply_lora_to_megatron_model does not implement DoRA (use_dora=True): Megatron's parallel "
+                         "linears split the weight, and DoRA's row norms would need an all-reduce across ranks")
     chunks = list(model) if isinstance(model, (list, tuple)) else [model]
     if not chunks or not all(isinstance(chunk, nn.Module) for chunk in chunks):
         raise TypeError(f"model must be an nn.Module or a non-empty list of them, got {type(model).__name__}")
