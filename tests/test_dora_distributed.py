@@ -1,7 +1,6 @@
 """DoRA under FSDP2: the magnitude is an ordinary parameter, sharded, trained, gathered and loaded like lora_A /
 lora_B (2 gloo processes on CPU against one process)."""
 
-import os
 
 import pytest
 import torch
@@ -32,9 +31,6 @@ def _build(*, seed=7):
 
 
 def _dora_fsdp_worker(rank, world_size, directory):
-    # Until the DoRA kernels land, the kernel backend has no dora_* launchers: the PyTorch path. Set here, not in
-    # the parent, because the harness checks that each worker starts on the kernels.
-    os.environ["LORAFUSE_BACKEND"] = "torch"
     batches = [tokens(2 * world_size, 9, seed=step) for step in range(2)]
     reference = _build()
     reference_losses = train(reference, batches)

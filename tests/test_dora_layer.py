@@ -9,13 +9,6 @@ from transformers.pytorch_utils import Conv1D
 from lorafuse import FusedDoRALinear, FusedLoRALinear, dora_linear, reference
 
 
-@pytest.fixture(autouse=True)
-def _torch_path_until_the_dora_kernels_land(monkeypatch):
-    # Until the DoRA kernels land, the kernel backend has no dora_* launchers: run DoRA on the PyTorch path.
-    # Remove this fixture once lorafuse.kernels has them, so these tests run the kernels too.
-    monkeypatch.setenv("LORAFUSE_BACKEND", "torch")
-
-
 def _linear(in_features=24, out_features=20, *, bias=True, dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
     return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)

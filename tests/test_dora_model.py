@@ -30,11 +30,6 @@ GPT2_TARGETS = ["c_attn", "attn.c_proj", "c_fc"]
 LLAMA_TARGETS = ["q_proj", "v_proj", "down_proj"]
 
 
-@pytest.fixture(autouse=True)
-def _torch_path_until_the_dora_kernels_land(monkeypatch):
-    # Until the DoRA kernels land, the kernel backend has no dora_* launchers: run DoRA on the PyTorch path.
-    # Remove this fixture once lorafuse.kernels has them, so these tests run the kernels too.
-    monkeypatch.setenv("LORAFUSE_BACKEND", "torch")
 
 
 def _tiny_llama():

@@ -27,11 +27,6 @@ CASES = [
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-5}
 
 
-@pytest.fixture(autouse=True)
-def _torch_path_until_the_dora_kernels_land(monkeypatch):
-    # Until the DoRA kernels land, the kernel backend has no dora_* launchers: run DoRA on the PyTorch path.
-    # Remove this fixture once lorafuse.kernels has them, so these tests run the kernels too.
-    monkeypatch.setenv("LORAFUSE_BACKEND", "torch")
 
 
 @torch.no_grad()
