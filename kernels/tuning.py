@@ -53,6 +53,12 @@ def operands_in_registers(target) -> bool:
     return target.backend == "hip" or target.arch < 90
 
 
+def accumulators_in_tensor_memory(target) -> bool:
+    """Whether MMA accumulators live in tensor memory (Blackwell's tcgen05, sm_100 and later): the epilogue
+    then reads them back one row per thread."""
+    return target.backend == "cuda" and target.arch >= 100
+
+
 def prune(configs, *, dtype, precision, shared_bytes, accumulators, operand_bytes=lambda cfg: 0):
     """The configs of `configs` that fit the active target.
 
