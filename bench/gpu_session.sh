@@ -26,3 +26,10 @@ for rank in 16 64; do
   python -m lorafuse.bench --shapes llama-7b --tokens 512 --rank "$rank" --dropout 0.1 --mode train \
     --no-progress --json "$out/$name.json" | tee "$out/$name.txt"
 done
+
+# DoRA at r=16 without dropout (with dropout PEFT's DoRA trains another function: bench/README.md).
+for mode in train infer; do
+  name="$gpu-llama-7b-dora-r16-p0-$mode"
+  python -m lorafuse.bench --dora --shapes llama-7b --rank 16 --dropout 0 --mode "$mode" \
+    --no-progress --json "$out/$name.json" --plot "$out/$name.png" | tee "$out/$name.txt"
+done

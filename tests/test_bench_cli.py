@@ -22,7 +22,7 @@ RESULT_FIELDS = {"provider", "variant", "mode", "M", "K", "N", "status", "reason
                  "saved_beyond_x_bytes"}
 ENVIRONMENT_FIELDS = {"device", "device_type", "lorafuse_backend", "lorafuse", "torch", "triton", "peft", "python",
                       "git_commit", "git_dirty", "date"}
-CONFIG_FIELDS = {"shapes", "providers", "mode", "rank", "alpha", "dropout", "dtype", "device", "scaling"}
+CONFIG_FIELDS = {"shapes", "providers", "mode", "rank", "alpha", "dropout", "dtype", "device", "scaling", "dora"}
 
 
 def test_cli_runs_every_provider_and_writes_json_and_plot(tmp_path):
@@ -37,6 +37,7 @@ def test_cli_runs_every_provider_and_writes_json_and_plot(tmp_path):
     assert document["environment"]["peft"] is not None and document["environment"]["device_type"] == "cpu"
     assert CONFIG_FIELDS <= set(document["config"])
     assert document["config"]["shapes"] == [[32, 48, 40]] and document["config"]["mode"] == "train"
+    assert document["config"]["dora"] is False
     results = document["results"]
     assert [r["provider"] for r in results] == list(PROVIDERS)
     for r in results:
@@ -144,3 +145,53 @@ def test_output_paths_are_checked_before_the_benchmark_runs(tmp_path, flag, monk
     from lorafuse.bench.cli import unwritable
 
     assert unwritable(tmp_path / "new" / "deeper" / "b.png") is None and not (tmp_path / "new").exists()
+
+
+def test_dora_run_checks_every_dora_provider_and_records_dora(tmp_path, capsys):
+    json_path = tmp_path / "b.json"
+    code = main([*TINY, "--device", "cpu", "--dora", "--json", str(json_path)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.startswith("DoRA layers; ")  # the title line says which method was timed
+    document = json.loads(json_path.read_text())
+    assert document["config"]["dora"] is True
+    by_name = {r["provider"]: r for r in document["results"]}
+    assert list(by_name) == list(PROVIDERS)
+    # Each passed the agreement check on y, dx, dA, dB and dm (a mismatch would not be "ok") and was timed.
+    for name in ("base", "lorafuse", "reference", "peft"):
+        assert by_name[name]["status"] == "ok" and by_name[name]["median_ms"] is not None, by_name[name]
+    assert by_name["unsloth"]["status"] == "skipped" and "DoRA" in by_name["unsloth"]["reason"]
+    # DoRA's forward adds B @ A for the weight norm (2NKr) to LoRA's train FLOPs.
+    M, K, N, r = 32, 48, 40, 4
+    assert {by_name[name]["flops"] for name in ("lorafuse", "reference", "peft")} == {
+        4 * M * N * K + 6 * M * r * (K + N) + 2 * N * K * r}
+
+
+def test_dora_infer_mode_times_merged_and_unmerged(tmp_path):
+    json_path = tmp_path / "b.json"
+    assert main([*TINY, "--device", "cpu", "--dora", "--mode", "infer", "--providers", "lorafuse", "reference",
+                 "peft", "--json", str(json_path)]) == 0
+    results = json.loads(json_path.read_text())["results"]
+    # The merged layers were checked against the unmerged oracle: g * (W + s B A) folded into W.
+    assert [(r["provider"], r["variant"], r["status"]) for r in results] == [
+        ("lorafuse", "", "ok"), ("lorafuse", "merged", "ok"), ("reference", "", "ok"), ("peft", "", "ok"),
+        ("peft", "merged", "ok")]
+
+
+def test_dora_with_static_goes_to_the_static_estimate(monkeypatch):
+    from lorafuse.bench import static
+
+    calls = []
+    monkeypatch.setattr(static, "check_compilable", lambda: None)  # this process interprets its kernels
+    monkeypatch.setattr(static, "run_static", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr("lorafuse.bench.cli.run", lambda *args, **kwargs: pytest.fail("the timed benchmark ran"))
+    assert main(["--static", "--dora", "--adapter-dtype", "fp32", "--shapes", "64,64,64"]) == 0
+    (kwargs,) = calls
+    assert kwargs["dora"] is True and kwargs["adapter_dtype"] == "fp32"
+
+
+def test_adapter_dtype_is_refused_outside_static(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--device", "cpu", "--dora", "--adapter-dtype", "fp32"])
+    assert exc.value.code == 2
+    assert "--adapter-dtype applies to --static only" in capsys.readouterr().err

@@ -1,6 +1,7 @@
 """The benchmark's parts: shape parsing, FLOP counts, saved-bytes counting, the agreement check (a wrong
 provider is reported, not timed), ratios, the timer's bookkeeping and the two-GEMM baseline's gradients."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -15,6 +16,7 @@ from lorafuse.bench.providers import PROVIDERS, Provider, ProviderUnavailable, b
 from lorafuse.bench.report import format_bytes, format_table
 from lorafuse.bench.run import Config, Record, add_ratios
 from lorafuse.bench.shapes import PRESETS, Shape, parse_shapes
+from lorafuse.reference import dora_weight_norm
 from lorafuse.reference import lora_linear as reference_lora_linear
 
 
@@ -48,6 +50,12 @@ def test_flops_count_the_math_of_each_mode():
     assert step_flops(shape, rank=r, mode="infer", adapter=True, merged=True) == base
     with pytest.raises(ValueError, match="'decode'"):
         step_flops(shape, rank=r, mode="decode", adapter=True)
+    # DoRA's forward adds the weight norm's B @ A (2NKr); its backward and a merged layer add nothing.
+    norm = 2 * 7 * 5 * r
+    assert step_flops(shape, rank=r, mode="fwd", adapter=True, dora=True) == base + lora_fwd + norm
+    assert step_flops(shape, rank=r, mode="bwd", adapter=True, dora=True) == base + lora_bwd
+    assert step_flops(shape, rank=r, mode="infer", adapter=True, merged=True, dora=True) == base
+    assert step_flops(shape, rank=r, mode="fwd", adapter=False, dora=True) == base
 
 
 def test_saved_bytes_counts_unique_storages_without_parameters():
@@ -73,6 +81,22 @@ def test_weights_have_a_non_zero_lora_B_and_providers_get_copies():
         build_provider("vllm", weights, alpha=4, dropout=0.0)
 
 
+def test_dora_weights_are_the_lora_weights_plus_a_magnitude_that_is_not_the_norm():
+    lora = make_weights(in_features=12, out_features=10, rank=3, dtype=torch.float32, device="cpu", seed=5)
+    dora = make_weights(in_features=12, out_features=10, rank=3, dtype=torch.float32, device="cpu", seed=5,
+                        dora=True, scaling=2.0)
+    assert lora.magnitude is None and not lora.dora and dora.dora
+    for name in ("weight", "bias", "lora_A", "lora_B"):
+        assert torch.equal(getattr(lora, name), getattr(dora, name)), name
+    assert dora.magnitude.shape == (10,) and dora.magnitude.dtype == torch.float32
+    # g = m / ||W + s B A|| is in [0.5, 1.5) per row and not 1: a provider that drops g or uses another
+    # scaling in the norm computes another function.
+    g = dora.magnitude / dora_weight_norm(dora.weight, dora.lora_A, dora.lora_B, scaling=2.0)
+    assert ((g >= 0.5) & (g < 1.5)).all() and (g - 1).abs().max() > 0.1
+    with pytest.raises(ValueError, match="scaling=None"):
+        make_weights(in_features=12, out_features=10, rank=3, dtype=torch.float32, device="cpu", dora=True)
+
+
 def test_peft_is_skipped_with_a_reason_when_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "peft", None)  # makes `import peft` raise ImportError
     weights = make_weights(in_features=6, out_features=5, rank=2, dtype=torch.float32, device="cpu")
@@ -93,6 +117,56 @@ def test_every_lora_provider_agrees_with_the_oracle(name):
     assert disagreement(provider_outputs(provider, x, dy, backward=True), oracle=oracle, same_dtype=same,
                         dtype=torch.float32) is None
     assert provider.module.training and all(p.grad is None for p in provider.module.parameters())
+
+
+def _dora_weights():
+    return make_weights(in_features=12, out_features=10, rank=3, dtype=torch.float32, device="cpu", dora=True,
+                        scaling=2.0)
+
+
+@pytest.mark.parametrize("name", ["lorafuse", "reference", "peft"])
+def test_every_dora_provider_agrees_with_the_oracle(name):
+    if name == "peft":
+        pytest.importorskip("peft")
+    weights = _dora_weights()
+    x, dy = torch.randn(7, 12), torch.randn(7, 10)
+    kwargs = {"scaling": 2.0, "adapter": True, "backward": True}
+    oracle = expected_outputs(weights, x, dy, dtype=torch.float64, **kwargs)
+    same = expected_outputs(weights, x, dy, dtype=torch.float32, **kwargs)
+    assert set(oracle) == {"y", "dx", "dA", "dB", "dm"}
+    provider = build_provider(name, weights, alpha=6, dropout=0.1)  # dropout is off in the check (eval)
+    assert torch.equal(provider.magnitude, weights.magnitude)
+    assert disagreement(provider_outputs(provider, x, dy, backward=True), oracle=oracle, same_dtype=same,
+                        dtype=torch.float32) is None
+    assert provider.module.training and all(p.grad is None for p in provider.module.parameters())
+
+
+def test_the_addmm_layer_has_no_dora():
+    with pytest.raises(ProviderUnavailable, match="no DoRA"):
+        build_provider("unsloth", _dora_weights(), alpha=6, dropout=0.0)
+
+
+def test_a_dora_provider_with_a_wrong_magnitude_or_none_is_reported_not_timed(monkeypatch):
+    real_build = run_module.build_provider
+
+    def build(name, weights, *, alpha, dropout):
+        provider = real_build(name, weights, alpha=alpha, dropout=dropout)
+        if name == "reference":  # a magnitude 1% off: y and every gradient but dm (which does not depend on m)
+            with torch.no_grad():
+                provider.magnitude.mul_(1.01)
+        if name == "lorafuse":  # a LoRA layer on the DoRA weights: g = 1, and no magnitude to train
+            lora_weights = dataclasses.replace(weights, magnitude=None)
+            provider = real_build(name, lora_weights, alpha=alpha, dropout=dropout)
+        return provider
+
+    monkeypatch.setattr(run_module, "build_provider", build)
+    config = Config(shapes=(Shape(9, 8, 6),), providers=("base", "reference", "lorafuse"), rank=2, alpha=4.0,
+                    warmup=0, repeats=1, dora=True)
+    base, wrong, lora = run_module.run(config, progress=False)
+    assert base.status == "ok"
+    assert wrong.status == "mismatch" and "y error" in wrong.reason and "dm" not in wrong.reason
+    assert wrong.median_ms is None
+    assert lora.status == "mismatch" and "y error" in lora.reason and "dm missing" in lora.reason
 
 
 def test_disagreement_names_the_output_and_catches_nan():

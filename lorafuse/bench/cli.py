@@ -29,8 +29,9 @@ _DEFAULTS = {"cuda": (["llama-7b"], 8192, "bfloat16"), "cpu": (["small"], 512, "
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m lorafuse.bench",
-        description="Time and memory of LoRA linear layers on identical weights: the frozen base linear (the "
-                    "floor), lorafuse, the unfused reference, PEFT and a two-GEMM addmm layer.")
+        description="Time and memory of LoRA (or, with --dora, DoRA) linear layers on identical weights: the "
+                    "frozen base linear (the floor), lorafuse, the unfused reference, PEFT and a two-GEMM addmm "
+                    "layer (LoRA only).")
     parser.add_argument("--shapes", nargs="+", metavar="SHAPE",
                         help=f"presets ({', '.join(PRESETS)}; M is --tokens) or M,K,N triples "
                              "(default: llama-7b on a GPU, small on a CPU)")
@@ -69,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="--static: fp32 adapters on the fp16/bf16 model (PEFT's default; default: the model's "
                              "dtype)")
     parser.add_argument("--dora", action="store_true",
-                        help="--static: a FusedDoRALinear's training step (DoRA) instead of LoRA's")
+                        help="DoRA layers (use_dora) instead of LoRA's, on the same weights plus a magnitude: "
+                             "FusedDoRALinear, the unfused DoRA oracle and PEFT's use_dora=True (the addmm layer "
+                             "has no DoRA); with --static, a FusedDoRALinear's training step")
     return parser
 
 
@@ -122,14 +125,17 @@ def config_from_args(args, parser) -> Config:
     return Config(shapes=tuple(parsed), providers=providers, mode=args.mode,
                   rank=_one(args.rank, 16, "--rank", parser), alpha=args.alpha,
                   dropout=_one(args.dropout, 0.0, "--dropout", parser), dtype=_DTYPES[dtype], device=device,
-                  warmup=args.warmup,
-                  repeats=args.repeats, seed=args.seed)
+                  warmup=args.warmup, repeats=args.repeats, seed=args.seed, dora=args.dora)
 
 
 def _notes(config, env) -> list:
-    notes = [f"device: {env['device']}; lorafuse backend: {env['lorafuse_backend']}; dtype "
-             f"{str(config.dtype).replace('torch.', '')}; r={config.rank}, alpha={config.alpha:g}, "
+    notes = [f"{_method(config)} layers; device: {env['device']}; lorafuse backend: {env['lorafuse_backend']}; "
+             f"dtype {str(config.dtype).replace('torch.', '')}; r={config.rank}, alpha={config.alpha:g}, "
              f"dropout={config.dropout:g}; mode {config.mode}"]
+    if config.dora and config.dropout > 0 and "peft" in config.providers and config.mode != "infer":
+        notes.append("DoRA with dropout: PEFT's training forward also rescales W @ dropout(x), one more x @ W^T "
+                     "product than lorafuse's and the reference's (a different function; agreement is checked "
+                     "with dropout off, where all of them are the same).")
     if env["device_type"] == "cpu":
         notes.append("No GPU: CPU timings (perf_counter) of small shapes; peak memory is not tracked on a CPU "
                      "(n/a). These numbers say nothing about the Triton kernels.")
@@ -137,6 +143,10 @@ def _notes(config, env) -> list:
         notes.append("TRITON_INTERPRET=1: lorafuse runs its kernels in Triton's interpreter, so its times are "
                      "those of an interpreter; unset it (or LORAFUSE_BACKEND=torch) for the PyTorch path.")
     return notes
+
+
+def _method(config) -> str:
+    return "DoRA" if config.dora else "LoRA"
 
 
 def run_static_from_args(args, parser) -> int:
@@ -173,9 +183,10 @@ def main(argv=None) -> int:
             parser.error(f"argument {flag}: cannot write {path}: {problem}")
     if args.static:
         return run_static_from_args(args, parser)
-    for option, value in (("--adapter-dtype", args.adapter_dtype), ("--dora", args.dora or None)):
-        if value is not None:
-            parser.error(f"{option} applies to --static only: the timed benchmark runs LoRA layers in --dtype")
+    if args.adapter_dtype is not None:
+        # Timed, fp32 adapters would need every provider to hold them (the addmm layer cannot) and PEFT's
+        # autocast_adapter_dtype to match: not done yet.
+        parser.error("--adapter-dtype applies to --static only: the timed benchmark runs its adapters in --dtype")
     config = config_from_args(args, parser)
     env = environment.describe(config.device)
     for note in _notes(config, env):
@@ -196,9 +207,9 @@ def main(argv=None) -> int:
     elif args.plot:
         from .plot import write_plot
 
-        write_plot(args.plot, records, title=f"{env['device']} ({env['lorafuse_backend']}), {config.mode}, "
-                                             f"{str(config.dtype).replace('torch.', '')}, r={config.rank}, "
-                                             f"dropout={config.dropout:g}")
+        write_plot(args.plot, records, title=f"{_method(config)}, {env['device']} ({env['lorafuse_backend']}), "
+                                             f"{config.mode}, {str(config.dtype).replace('torch.', '')}, "
+                                             f"r={config.rank}, dropout={config.dropout:g}")
         print(f"wrote {args.plot}")
     failed = [r for r in records if r.status in ("mismatch", "error")]
     for r in failed:

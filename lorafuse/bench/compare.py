@@ -5,6 +5,11 @@ mode (where each turns dropout off as nn.Dropout does) on identical weights and 
 Each output and gradient is held to the rule the kernel tests use (`oracle_error`, which tests/conftest.py
 imports): its error against a float64 oracle is at most twice PyTorch's own error in the same dtype, plus a
 small tolerance relative to the output's size.
+
+For DoRA the check is as meaningful as for LoRA: in eval mode every DoRA provider (PEFT's included) computes
+g * (x @ W^T + s * x @ A^T @ B^T) + b, the function `reference.dora_linear` gives without dropout. In
+training with dropout > 0 PEFT's DoRA is another function (it also rescales W @ dropout(x)), which is why
+agreement is checked in eval mode only and says nothing about dropout's placement.
 """
 
 from typing import Optional
@@ -12,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ..reference import dora_linear as reference_dora_linear
 from ..reference import lora_linear as reference_lora_linear
 
 #: Slack per dtype, times max(1, largest |oracle| value), on top of twice PyTorch's own error. The one table
@@ -39,15 +45,20 @@ def oracle_error(actual, torch_same_dtype, oracle, *, dtype) -> Optional[str]:
 
 
 def expected_outputs(weights, x, dy, *, scaling, adapter, backward, dtype) -> dict:
-    """y (and with `backward`, dx, plus dA and dB with `adapter`) of the plain PyTorch math in `dtype`:
-    `reference.lora_linear` without dropout, or the base linear alone when not `adapter`."""
+    """y (and with `backward`, dx, plus dA and dB with `adapter`, and dm for DoRA weights) of the plain
+    PyTorch math in `dtype`: `reference.lora_linear` without dropout (`reference.dora_linear` when the weights
+    carry a magnitude), or the base linear alone when not `adapter`."""
+    dora = adapter and weights.magnitude is not None
     weight, bias, lora_A, lora_B = (t.detach().to(dtype) for t in (weights.weight, weights.bias, weights.lora_A,
                                                                     weights.lora_B))
+    magnitude = weights.magnitude.detach().to(dtype).requires_grad_(backward) if dora else None
     x = x.detach().to(dtype).requires_grad_(backward)
     lora_A.requires_grad_(backward and adapter)
     lora_B.requires_grad_(backward and adapter)
     with torch.set_grad_enabled(backward):
-        if adapter:
+        if dora:
+            y = reference_dora_linear(x, weight, bias, lora_A, lora_B, magnitude, scaling=scaling)
+        elif adapter:
             y = reference_lora_linear(x, weight, bias, lora_A, lora_B, scaling=scaling)
         else:
             y = F.linear(x, weight, bias)
@@ -57,6 +68,8 @@ def expected_outputs(weights, x, dy, *, scaling, adapter, backward, dtype) -> di
         outputs["dx"] = x.grad
         if adapter:
             outputs["dA"], outputs["dB"] = lora_A.grad, lora_B.grad
+        if dora:
+            outputs["dm"] = magnitude.grad
     return outputs
 
 
@@ -75,6 +88,8 @@ def provider_outputs(provider, x, dy, *, backward) -> dict:
             outputs["dx"] = x.grad
             if provider.has_adapter:
                 outputs["dA"], outputs["dB"] = provider.lora_A.grad, provider.lora_B.grad
+            if provider.magnitude is not None:
+                outputs["dm"] = provider.magnitude.grad
     finally:
         module.train(was_training)
         for param in module.parameters():

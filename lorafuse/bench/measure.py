@@ -99,17 +99,23 @@ def saved_bytes(forward, *, x, module) -> SavedBytes:
     return SavedBytes(total, total - x_bytes)
 
 
-def step_flops(shape, *, rank, mode, adapter, merged=False) -> int:
+def step_flops(shape, *, rank, mode, adapter, merged=False, dora=False) -> int:
     """FLOPs of the math of one step, 2 per multiply-add, counting GEMMs only (bias, scaling, dropout are
     O(M*N) or O(M*K)). A recomputation a provider chooses is not counted, so TFLOP/s compares like for like.
 
     Forward: x @ W^T is 2MNK; the adapter adds xa = x @ A^T (2MKr) and xa @ B^T (2MNr).
     Backward (input gradient, W frozen): dy @ W is 2MNK; the adapter adds dy @ B (2MNr), dB = dy^T @ xa
     (2MNr), dA = dxa^T @ x (2MKr) and dxa @ A (2MKr). A merged layer is a plain linear.
+    DoRA (`dora` with `adapter`) adds to the forward the row norms ||W + s B A||: B @ A is 2NKr (the norm's
+    squares are O(NK)). Its backward has the same GEMMs (the norm is detached; g and dm are O(MN)).
+    PEFT's DoRA in training with dropout > 0 also multiplies W by the dropped x (another 2MNK): that is a
+    different function, and not counted.
     """
     M, K, N = shape
     base = 2 * M * N * K
     lora_fwd = 2 * M * rank * (K + N) if adapter and not merged else 0
+    if dora and adapter and not merged:
+        lora_fwd += 2 * N * K * rank
     lora_bwd = 4 * M * rank * (K + N) if adapter else 0
     if mode in ("fwd", "infer"):
         return base + lora_fwd

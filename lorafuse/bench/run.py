@@ -16,7 +16,8 @@ from .steps import make_step, training_forward
 
 @dataclass(frozen=True)
 class Config:
-    """One benchmark run. shapes: Shape list; providers: names from providers.PROVIDERS."""
+    """One benchmark run. shapes: Shape list; providers: names from providers.PROVIDERS; dora: DoRA layers
+    (the weights get a magnitude) instead of LoRA's."""
 
     shapes: tuple
     providers: tuple
@@ -29,6 +30,7 @@ class Config:
     warmup: int = 2
     repeats: int = 10
     seed: int = 0
+    dora: bool = False
 
     @property
     def scaling(self) -> float:
@@ -84,7 +86,7 @@ def _inputs(config, shape):
 
 def _run_shape(config, shape, bar):
     weights = make_weights(in_features=shape.K, out_features=shape.N, rank=config.rank, dtype=config.dtype,
-                           device=config.device, seed=config.seed)
+                           device=config.device, seed=config.seed, dora=config.dora, scaling=config.scaling)
     x, dy = _inputs(config, shape)
     backward = config.mode != "infer"
     expected = {}
@@ -139,7 +141,7 @@ def _measure(config, shape, provider, x, dy, expected, baseline, record):
     record.median_ms, record.p20_ms, record.p80_ms = timing
     record.peak_bytes = peak_memory(step, device=config.device, baseline=baseline, grads=grads)
     record.flops = step_flops(shape, rank=config.rank, mode=config.mode, adapter=provider.has_adapter,
-                              merged=record.variant == "merged")
+                              merged=record.variant == "merged", dora=config.dora)
     record.tflops = record.flops / (timing.median_ms * 1e-3) / 1e12
     return record
 
