@@ -44,9 +44,10 @@ class FusedLoRALinear(nn.Module):
         weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
         bias_param = nn.Parameter(torch.empty(out_features, **factory), requires_grad=False) if bias else None
         self._init_base(in_features, out_features, weight, bias_param, fan_in_fan_out)
+        # The base first: DoRA's magnitude starts at the row norms of the initialised weight.
+        self.reset_base_parameters()
         self._init_lora(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, use_rslora=use_rslora,
                         adapter_dtype=adapter_dtype)
-        self.reset_base_parameters()
 
     def _init_base(self, in_features, out_features, weight, bias, fan_in_fan_out):
         self.in_features = in_features
