@@ -124,22 +124,27 @@ import json
 from lorafuse.bench.shapes import Shape
 from lorafuse.bench.static import estimate_problem
 
+import sys
 PICK = {"forward_xa": (32, None, 64), "forward": (128, 256, 64), "backward_dy": (32, 64, None),
-        "backward_dx": (64, 32, 64), "plain_x@W^T": (128, 256, 64), "plain_dy@W": (64, 64, 32)}
+        "backward_dx": (64, 32, 64), "plain_x@W^T": (128, 256, 64), "plain_dy@W": (64, 64, 32),
+        "dora_norm": (None, 16, 64)}
 
 def select(kernel, config):
-    return (config["BLOCK_M"], config.get("BLOCK_N"), config.get("BLOCK_K")) == PICK[kernel]
+    return (config.get("BLOCK_M"), config.get("BLOCK_N"), config.get("BLOCK_K")) == PICK[kernel]
 
-summary = estimate_problem("sm_90", dtype="bf16", rank=16, dropout=0.1, shape=Shape(256, 256, 256), select=select)
+summary = estimate_problem("sm_90", dtype="bf16", rank=16, dropout=0.1, shape=Shape(256, 256, 256), select=select,
+                           dora=sys.argv[1] == "dora")
 print(json.dumps(summary))
 """
 
 
-@pytest.fixture(scope="module")
-def compiled_sm90():
+@pytest.fixture(scope="module", params=["lora", "dora"])
+def compiled_sm90(request):
+    """LoRA's training step, and DoRA's (its weight norm, the column scale in the forward's epilogue, dm and
+    g * dy in the backward), each rule holding for both."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300,
-                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    done = subprocess.run([sys.executable, "-c", _CHILD, request.param], capture_output=True, text=True, env=env,
+                          timeout=300, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
