@@ -29,6 +29,10 @@ from .dropout import _dropout_bytes
 from .forward import _GEMM_CONFIGS
 from .launches import Launch, run
 
+#: Rank columns the dx kernel's LoRA prologue takes at once (see there): at most a [BLOCK_M, 64] dxa tile and a
+#: [64, BLOCK_K] dA product are live, whatever r is.
+_RANK_CHUNK = tl.constexpr(64)
+
 
 @triton.jit
 def _lora_backward_dy_kernel(
@@ -100,10 +104,6 @@ def _lora_backward_dx_kernel(
     # The LoRA work first: this tile's mask (drawn once), the dA partial sums and the LoRA term of dx as the
     # accumulator's starting value. All of it is dead before the main loop, which so holds no more registers
     # than a plain GEMM's (done after the loop, the mask, x and a second fp32 tile spilled on sm_90).
-    offs_r = tl.arange(0, BLOCK_R)
-    in_r = offs_r < R
-    dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
-                  mask=in_m[:, None] & in_r[None, :], other=0.0)
     if HAS_DROPOUT:
         random_bytes = _dropout_bytes(tl.load(seed_ptr), offs_m, k_start, K, BLOCK_M, BLOCK_K)
     if COMPUTE_DA:
@@ -111,17 +111,29 @@ def _lora_backward_dx_kernel(
                     mask=in_m[:, None] & in_k[None, :], other=0.0)
         if HAS_DROPOUT:
             x = tl.where(random_bytes >= threshold, x, 0.0).to(x.dtype)
-        x = x.to(dxa.dtype)  # a no-op, or fp16/bf16 -> fp32 for fp32 adapters
-        da = _mma(tl.trans(dxa), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION)
-        if HAS_DROPOUT:
-            da = da * keep_scale
-        tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
-                      mask=in_r[:, None] & in_k[None, :])
+        x = x.to(dxa_ptr.dtype.element_ty)  # a no-op, or fp16/bf16 -> fp32 for fp32 adapters
+    # The rank in chunks of at most _RANK_CHUNK: at r=256 a whole [BLOCK_M, r] dxa tile and dA's [r, BLOCK_K]
+    # product spilled every config with dA on sm_80 (fp16/bf16) and on sm_80/sm_90 with fp32 adapters. At
+    # r <= 64 this is one chunk, and the loop (one trip) is gone before code generation.
+    RANK_CHUNK: tl.constexpr = _RANK_CHUNK if BLOCK_R > _RANK_CHUNK else BLOCK_R
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    for r0 in tl.range(0, BLOCK_R, RANK_CHUNK, num_stages=1):
+        offs_r = r0 + tl.arange(0, RANK_CHUNK)
+        in_r = offs_r < R
+        dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+                      mask=in_m[:, None] & in_r[None, :], other=0.0)
+        if COMPUTE_DA:
+            da = _mma(tl.trans(dxa), x, tl.zeros((RANK_CHUNK, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION)
+            if HAS_DROPOUT:
+                da = da * keep_scale
+            tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
+                          mask=in_r[:, None] & in_k[None, :])
+        if COMPUTE_DX:
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=in_r[:, None] & in_k[None, :], other=0.0)
+            acc = _mma(dxa, a, acc, UPCAST, LORA_TO_X_PRECISION)
 
     if COMPUTE_DX:
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=in_r[:, None] & in_k[None, :], other=0.0)
-        acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_TO_X_PRECISION)
         if HAS_DROPOUT:
             acc = tl.where(random_bytes >= threshold, acc * keep_scale, 0.0)
         else:
@@ -180,7 +192,7 @@ def _prune_dy(configs, named_args, **meta):
 def _prune_dx(configs, named_args, **meta):
     size = tuning.element_size(named_args["dy_ptr"].dtype)
     adapter_size = tuning.element_size(named_args["a_ptr"].dtype)
-    block_r = meta["BLOCK_R"]
+    block_r = min(meta["BLOCK_R"], _RANK_CHUNK.value)  # the LoRA prologue's tiles are this wide (see the kernel)
 
     def shared_bytes(cfg):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
