@@ -158,29 +158,55 @@ def _dy_configs():
     return tuple(tuning.config(stages, warps, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, stages, warps in shapes)
 
 
+def _dy_fallbacks():
+    """Tiles for where none of _dy_configs fits, at r=256: on gfx942's 64 KiB, 16x32 needed 65-66 KiB with dB for
+    fp32 (and fp32 adapters), 132 KiB for fp64 (16x16: 33 and 66 KiB; unpipelined, 16 and 32); on sm_100 with
+    fp32 adapters and no dB, 16x32 spilled 24 bytes (16x16: none)."""
+    return tuple(tuning.config(stages, 4, BLOCK_M=16, BLOCK_N=16) for stages in (2, 1))
+
+
 def _dx_configs():
     """The forward GEMM's tiles, with K in the role of N: dx is an (M, K) GEMM over N."""
     return tuple(tuning.config(c.num_stages, c.num_warps, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"],
                                BLOCK_N=c.kwargs["BLOCK_K"], GROUP_M=c.kwargs["GROUP_M"]) for c in _GEMM_CONFIGS)
 
 
-_DY_CONFIGS = _dy_configs()
+_DY_FALLBACKS = _dy_fallbacks()
+_DY_CONFIGS = _dy_configs() + _DY_FALLBACKS
 _DX_CONFIGS = _dx_configs()
 
 
 def _prune_dy(configs, named_args, **meta):
     size = tuning.element_size(named_args["dy_ptr"].dtype)
     adapter_size = tuning.element_size(named_args["b_ptr"].dtype)
+    acc_size = tuning.element_size(named_args["db_ptr"].dtype)
     block_r = meta["BLOCK_R"]
+    operands_in_shared = not tuning.operands_in_registers(tuning.active_target())
 
     def shared_bytes(cfg):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        # dy is an operand twice (dy @ B and dy^T @ xa, in the adapters' dtype), so count a transposed copy.
-        return (tuning.pipeline_buffers(cfg) * (bm * bn * size + bn * block_r * adapter_size)
-                + (bm * bn + bm * block_r) * adapter_size)
+        loads = tuning.pipeline_buffers(cfg) * (bm * bn * size + bn * block_r * adapter_size)
+        if not meta["COMPUTE_DB"]:
+            return loads
+        # dB's product: where wgmma/tcgen05 read operands from shared memory, a transposed copy of dy and xa;
+        # and its [BLOCK_N, r] result on its way to the atomics, in buffers of its own when the loads are
+        # pipelined (gfx942, fp16 r=64: 32x128 on 8 warps, 3 stages, compiles to 48 KiB of loads + 32 KiB;
+        # fp64 r=256 16x16: 66 KiB with 2 stages, 32 KiB with 1). Without dB the loads are all (sm_90: 144 KiB
+        # for 128x128 at r=64, as estimated).
+        operands = (bm * bn + bm * block_r) * adapter_size if operands_in_shared else 0
+        result = bn * block_r * acc_size if tuning.pipelined(cfg) else 0
+        return loads + operands + result
+
+    # dB's product on FMA (fp32 adapters without TF32) reduces over BLOCK_M, and its dy^T operand stays in
+    # registers where tuning.prune counts no operands (sm_90/sm_100): 128x128 on 8 warps spilled 728 bytes,
+    # 128x64 on 4 warps 696 and 64x64 on 4 warps 8 to 48 (r <= 16); 32x128 and 32x64 none.
+    dy_in_registers = (meta["COMPUTE_DB"] and not tuning.uses_tensor_cores(named_args["b_ptr"].dtype,
+                                                                           meta["LORA_PRECISION"])
+                       and operands_in_shared)
 
     def accumulators(cfg):
-        return (cfg.kwargs["BLOCK_M"] + cfg.kwargs["BLOCK_N"]) * block_r
+        bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
+        return (bm + bn) * block_r + (bm * bn if dy_in_registers else 0)
 
     def operand_bytes(cfg):  # dy twice (as is and transposed, in the adapters' dtype), B and xa
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -188,7 +214,8 @@ def _prune_dy(configs, named_args, **meta):
 
     # The products run in the adapters' dtype: fp32 adapters on fp16/bf16 dy are held to fp32's budgets.
     return tuning.prune(configs, dtype=named_args["b_ptr"].dtype, precision=meta["LORA_PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes,
+                        fallbacks=_DY_FALLBACKS)
 
 
 def _prune_dx(configs, named_args, **meta):
