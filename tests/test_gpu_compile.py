@@ -93,6 +93,25 @@ def test_rules_accept_a_fitting_launch_and_name_what_breaks():
         "forward [M128 N128 w4 s3]: no matrix-core instructions"]
 
 
+def test_at_ranks_up_to_64_every_half_precision_config_must_fit():
+    """Issue 10: the autotuner may pick any candidate, so at r <= 64 (fp16/bf16, adapters in fp32 too) one that
+    spills or needs too much shared memory is a finding even when another config fits."""
+    spilling = _report(spill_bytes=40, config={"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+                       kernel="forward_xa")
+    too_big = _report(shared_bytes=80 * 1024, shared_limit=64 * 1024, kernel="forward_xa")
+    out_of_resources = _report(compiled=False, error="OutOfResources: out of resource: shared memory",
+                               kernel="forward_xa")
+    launch = [_report(kernel="forward_xa"), spilling, too_big, out_of_resources]
+    assert launch_findings(launch, dtype="fp16", adapter_dtype="fp32", rank=64) == [
+        "forward_xa [M64 K128 w8 s3]: spills 40 bytes (at r <= 64 every config must fit)",
+        "forward_xa [M128 N128 w4 s3]: needs 80 KiB of 64 KiB shared memory (at r <= 64 every config must fit)",
+        "forward_xa [M128 N128 w4 s3]: out of resources (at r <= 64 every config must fit)"]
+    # Larger ranks, fp32 and an unknown rank keep the rule of one config that fits.
+    assert launch_findings(launch, dtype="fp16", adapter_dtype="fp32", rank=256) == []
+    assert launch_findings(launch, dtype="fp32", rank=16) == []
+    assert launch_findings(launch, dtype="bf16") == []
+
+
 def _candidates(arch, kernel, **problem):
     """The configs the autotuner would try for one launch of a llama-7b q_proj training step on `arch`."""
     from lorafuse.inspect.compile import problem_launches
