@@ -32,6 +32,10 @@ from .dropout import _dropout_bytes
 from .forward import _GEMM_CONFIGS
 from .launches import Launch, run
 
+#: Rank columns the dx kernel's LoRA prologue takes at once (see there): at most a [BLOCK_M, 64] dxa tile and a
+#: [64, BLOCK_K] dA product are live, whatever r is.
+_RANK_CHUNK = tl.constexpr(64)
+
 
 @triton.jit
 def _lora_backward_dy_kernel(
@@ -118,28 +122,38 @@ def _lora_backward_dx_kernel(
     # The LoRA work first: this tile's mask (drawn once), the dA partial sums and the LoRA term of dx as the
     # accumulator's starting value. All of it is dead before the main loop, which so holds no more registers
     # than a plain GEMM's (done after the loop, the mask, x and a second fp32 tile spilled on sm_90).
-    offs_r = tl.arange(0, BLOCK_R)
-    in_r = offs_r < R
-    dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
-                  mask=in_m[:, None] & in_r[None, :], other=0.0)
     if HAS_DROPOUT:
         random_bytes = _dropout_bytes(tl.load(seed_ptr), offs_m, k_start, K, BLOCK_M, BLOCK_K)
-    if COMPUTE_DA:
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=in_m[:, None] & in_k[None, :], other=0.0)
-        if HAS_DROPOUT:
-            x = tl.where(random_bytes >= threshold, x, 0.0).to(x.dtype)
-        x = x.to(dxa.dtype)  # a no-op, or fp16/bf16 -> fp32 for fp32 adapters
-        da = _mma(tl.trans(dxa), x, tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION)
-        if HAS_DROPOUT:
-            da = da * keep_scale
-        tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
-                      mask=in_r[:, None] & in_k[None, :])
+    # The rank in chunks of at most _RANK_CHUNK: at r=256 a whole [BLOCK_M, r] dxa tile and dA's [r, BLOCK_K]
+    # product spilled every config with dA on sm_80 (fp16/bf16) and on sm_80/sm_90 with fp32 adapters. At
+    # r <= 64 this is one chunk, and the loop (one trip) is gone before code generation. x's tile is loaded
+    # (and masked) in each chunk, after dxa's: r / 64 loads from cache at r > 64 (at 64x64 tiles and N=4096,
+    # 2% more than the main loop reads), and loaded once before the loop instead, it made ptxas schedule the
+    # main loop 2 instructions longer at r=16 (sm_90, 111 instead of 109 non-matrix per step).
+    RANK_CHUNK: tl.constexpr = _RANK_CHUNK if BLOCK_R > _RANK_CHUNK else BLOCK_R
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE)
+    for r0 in tl.range(0, BLOCK_R, RANK_CHUNK, num_stages=1):
+        offs_r = r0 + tl.arange(0, RANK_CHUNK)
+        in_r = offs_r < R
+        dxa = tl.load(dxa_ptr + offs_m[:, None] * stride_dxam + offs_r[None, :] * stride_dxar,
+                      mask=in_m[:, None] & in_r[None, :], other=0.0)
+        if COMPUTE_DA:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=in_m[:, None] & in_k[None, :], other=0.0)
+            if HAS_DROPOUT:
+                x = tl.where(random_bytes >= threshold, x, 0.0).to(x.dtype)
+            x = x.to(dxa.dtype)  # a no-op, or fp16/bf16 -> fp32 for fp32 adapters
+            da = _mma(tl.trans(dxa), x, tl.zeros((RANK_CHUNK, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_PRECISION)
+            if HAS_DROPOUT:
+                da = da * keep_scale
+            tl.atomic_add(da_ptr + offs_r[:, None] * K + offs_k[None, :], da,
+                          mask=in_r[:, None] & in_k[None, :])
+        if COMPUTE_DX:
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=in_r[:, None] & in_k[None, :], other=0.0)
+            acc = _mma(dxa, a, acc, UPCAST, LORA_TO_X_PRECISION)
 
     if COMPUTE_DX:
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=in_r[:, None] & in_k[None, :], other=0.0)
-        acc = _mma(dxa, a, tl.zeros((BLOCK_M, BLOCK_K), dtype=ACC_DTYPE), UPCAST, LORA_TO_X_PRECISION)
         if HAS_DROPOUT:
             acc = tl.where(random_bytes >= threshold, acc * keep_scale, 0.0)
         else:
@@ -162,32 +176,57 @@ def _dy_configs():
     return tuple(tuning.config(stages, warps, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, stages, warps in shapes)
 
 
+def _dy_fallbacks():
+    """Tiles for where none of _dy_configs fits, at r=256: on gfx942's 64 KiB, 16x32 needed 65-66 KiB with dB for
+    fp32 (and fp32 adapters), 132 KiB for fp64 (16x16: 33 and 66 KiB; unpipelined, 16 and 32); on sm_100 with
+    fp32 adapters and no dB, 16x32 spilled 24 bytes (16x16: none)."""
+    return tuple(tuning.config(stages, 4, BLOCK_M=16, BLOCK_N=16) for stages in (2, 1))
+
+
 def _dx_configs():
     """The forward GEMM's tiles, with K in the role of N: dx is an (M, K) GEMM over N."""
     return tuple(tuning.config(c.num_stages, c.num_warps, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"],
                                BLOCK_N=c.kwargs["BLOCK_K"], GROUP_M=c.kwargs["GROUP_M"]) for c in _GEMM_CONFIGS)
 
 
-_DY_CONFIGS = _dy_configs()
+_DY_FALLBACKS = _dy_fallbacks()
+_DY_CONFIGS = _dy_configs() + _DY_FALLBACKS
 _DX_CONFIGS = _dx_configs()
 
 
 def _prune_dy(configs, named_args, **meta):
     size = tuning.element_size(named_args["dy_ptr"].dtype)
     adapter_size = tuning.element_size(named_args["b_ptr"].dtype)
+    acc_size = tuning.element_size(named_args["db_ptr"].dtype)
     block_r = meta["BLOCK_R"]
+    operands_in_shared = not tuning.operands_in_registers(tuning.active_target())
     # DoRA's dm reads y's tile beside dy's (pipelined the same way) and holds both in fp32 for dy * (y - b).
     dm_tiles = 1 if meta.get("COMPUTE_DM") else 0
 
     def shared_bytes(cfg):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        # dy is an operand twice (dy @ B and dy^T @ xa, in the adapters' dtype), so count a transposed copy.
-        return (tuning.pipeline_buffers(cfg) * ((1 + dm_tiles) * bm * bn * size + bn * block_r * adapter_size)
-                + (bm * bn + bm * block_r) * adapter_size)
+        loads = tuning.pipeline_buffers(cfg) * ((1 + dm_tiles) * bm * bn * size + bn * block_r * adapter_size)
+        if not meta["COMPUTE_DB"]:
+            return loads
+        # dB's product: where wgmma/tcgen05 read operands from shared memory, a transposed copy of dy and xa;
+        # and its [BLOCK_N, r] result on its way to the atomics, in buffers of its own when the loads are
+        # pipelined (gfx942, fp16 r=64: 32x128 on 8 warps, 3 stages, compiles to 48 KiB of loads + 32 KiB;
+        # fp64 r=256 16x16: 66 KiB with 2 stages, 32 KiB with 1). Without dB the loads are all (sm_90: 144 KiB
+        # for 128x128 at r=64, as estimated).
+        operands = (bm * bn + bm * block_r) * adapter_size if operands_in_shared else 0
+        result = bn * block_r * acc_size if tuning.pipelined(cfg) else 0
+        return loads + operands + result
+
+    # dB's product on FMA (fp32 adapters without TF32) reduces over BLOCK_M, and its dy^T operand stays in
+    # registers where tuning.prune counts no operands (sm_90/sm_100): 128x128 on 8 warps spilled 728 bytes,
+    # 128x64 on 4 warps 696 and 64x64 on 4 warps 8 to 48 (r <= 16); 32x128 and 32x64 none.
+    dy_in_registers = (meta["COMPUTE_DB"] and not tuning.uses_tensor_cores(named_args["b_ptr"].dtype,
+                                                                           meta["LORA_PRECISION"])
+                       and operands_in_shared)
 
     def accumulators(cfg):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
-        return (bm + bn) * block_r + dm_tiles * 2 * bm * bn
+        return (bm + bn) * block_r + (bm * bn if dy_in_registers else 0) + dm_tiles * 2 * bm * bn
 
     def operand_bytes(cfg):  # dy twice (as is and transposed, in the adapters' dtype), B and xa
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
@@ -200,13 +239,14 @@ def _prune_dy(configs, named_args, **meta):
                    if cfg.num_warps >= 8 or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 16 * 32]
     # The products run in the adapters' dtype: fp32 adapters on fp16/bf16 dy are held to fp32's budgets.
     return tuning.prune(configs, dtype=named_args["b_ptr"].dtype, precision=meta["LORA_PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes,
+                        fallbacks=_DY_FALLBACKS)
 
 
 def _prune_dx(configs, named_args, **meta):
     size = tuning.element_size(named_args["dy_ptr"].dtype)
     adapter_size = tuning.element_size(named_args["a_ptr"].dtype)
-    block_r = meta["BLOCK_R"]
+    block_r = min(meta["BLOCK_R"], _RANK_CHUNK.value)  # the LoRA prologue's tiles are this wide (see the kernel)
 
     def shared_bytes(cfg):
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]

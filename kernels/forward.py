@@ -137,8 +137,13 @@ def _xa_configs():
     return tuple(tuning.config(stages, warps, BLOCK_M=bm, BLOCK_K=bk) for bm, bk, stages, warps in shapes)
 
 
+#: For where none of _xa_configs fits: fp64 at r=256 on gfx942, whose 16x32 tiles needed 68 KiB (A's [32, r] tile
+#: alone is 64 KiB); 16x16 needs 34.
+_XA_FALLBACKS = (tuning.config(2, 4, BLOCK_M=16, BLOCK_K=16),)
+#: Elements of A's tile an FMA product of the prologue may hold (see _prune_xa).
+_FMA_A_TILE = 64 * 64
 _GEMM_CONFIGS = _gemm_configs()
-_XA_CONFIGS = _xa_configs()
+_XA_CONFIGS = _xa_configs() + _XA_FALLBACKS
 
 
 def _prune_forward(configs, named_args, **meta):
@@ -182,9 +187,16 @@ def _prune_xa(configs, named_args, **meta):
     def operand_bytes(cfg):  # x's tile (in A's dtype) and A's
         return (cfg.kwargs["BLOCK_M"] + block_r) * cfg.kwargs["BLOCK_K"] * adapter_size
 
+    # On FMA (fp32 adapters without TF32) where tuning.prune counts no operands (sm_90/sm_100), A's [BLOCK_K, r]
+    # tile is what spills: 128x64 did at r=64 (32x128 on 4 warps 16 to 24 bytes, 64x128 on 8 warps 40), 64x64
+    # and 256x16 did not.
+    if not tuning.uses_tensor_cores(named_args["a_ptr"].dtype, meta["LORA_PRECISION"]) and \
+            not tuning.operands_in_registers(tuning.active_target()):
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_K"] * block_r <= _FMA_A_TILE] or configs
     # The products run in the adapters' dtype: fp32 adapters on fp16/bf16 x are held to fp32's budgets.
     return tuning.prune(configs, dtype=named_args["a_ptr"].dtype, precision=meta["LORA_PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes,
+                        fallbacks=_XA_FALLBACKS)
 
 
 # ---- launcher ----------------------------------------------------------------------------------------------

@@ -59,13 +59,15 @@ def accumulators_in_tensor_memory(target) -> bool:
     return target.backend == "cuda" and target.arch >= 100
 
 
-def prune(configs, *, dtype, precision, shared_bytes, accumulators, operand_bytes=lambda cfg: 0):
+def prune(configs, *, dtype, precision, shared_bytes, accumulators, operand_bytes=lambda cfg: 0, fallbacks=()):
     """The configs of `configs` that fit the active target.
 
     shared_bytes(config) -> estimated shared memory; accumulators(config) -> fp32 accumulator elements the
     program holds at once; operand_bytes(config) -> bytes of MMA operand tiles held at the same time, counted
-    where the target keeps operands in registers. When none fits, the one with the least shared memory is
-    kept, so that a launch still has a config and the compiler, not the pruning, says what is wrong.
+    where the target keeps operands in registers. fallbacks: configs of `configs` kept only when none of the
+    others fits (tiles too small to be worth timing where a bigger one fits). When nothing fits, the one with the
+    least shared memory is kept, so that a launch still has a config and the compiler, not the pruning, says
+    what is wrong.
     """
     target = active_target()
     limit = shared_memory_limit(target)
@@ -78,7 +80,8 @@ def prune(configs, *, dtype, precision, shared_bytes, accumulators, operand_byte
         registers = (accumulators(cfg) * register_scale + operand_bytes(cfg) * operand_scale) / threads
         return shared_bytes(cfg) <= limit and registers <= budget
 
-    kept = [cfg for cfg in configs if fits(cfg)]
+    kept = ([cfg for cfg in configs if cfg not in fallbacks and fits(cfg)]
+            or [cfg for cfg in configs if cfg in fallbacks and fits(cfg)])
     return kept or [min(configs, key=shared_bytes)]
 
 
@@ -89,6 +92,12 @@ def pipeline_buffers(cfg) -> int:
     if active_target().backend == "hip":
         return max(cfg.num_stages - 1, 1)
     return max(cfg.num_stages, 2)
+
+
+def pipelined(cfg) -> bool:
+    """Whether the loads of `cfg` are software-pipelined on the active target: always on NVIDIA (see
+    pipeline_buffers), from num_stages=2 on with AMD's stream pipeliner."""
+    return active_target().backend != "hip" or cfg.num_stages > 1
 
 
 def element_size(dtype: torch.dtype) -> int:

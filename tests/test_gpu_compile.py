@@ -93,6 +93,65 @@ def test_rules_accept_a_fitting_launch_and_name_what_breaks():
         "forward [M128 N128 w4 s3]: no matrix-core instructions"]
 
 
+def test_at_ranks_up_to_64_every_half_precision_config_must_fit():
+    """Issue 10: the autotuner may pick any candidate, so at r <= 64 (fp16/bf16, adapters in fp32 too) one that
+    spills or needs too much shared memory is a finding even when another config fits."""
+    spilling = _report(spill_bytes=40, config={"BLOCK_M": 64, "BLOCK_K": 128, "num_warps": 8, "num_stages": 3},
+                       kernel="forward_xa")
+    too_big = _report(shared_bytes=80 * 1024, shared_limit=64 * 1024, kernel="forward_xa")
+    out_of_resources = _report(compiled=False, error="OutOfResources: out of resource: shared memory",
+                               kernel="forward_xa")
+    launch = [_report(kernel="forward_xa"), spilling, too_big, out_of_resources]
+    assert launch_findings(launch, dtype="fp16", adapter_dtype="fp32", rank=64) == [
+        "forward_xa [M64 K128 w8 s3]: spills 40 bytes (at r <= 64 every config must fit)",
+        "forward_xa [M128 N128 w4 s3]: needs 80 KiB of 64 KiB shared memory (at r <= 64 every config must fit)",
+        "forward_xa [M128 N128 w4 s3]: out of resources (at r <= 64 every config must fit)"]
+    # Larger ranks, fp32 and an unknown rank keep the rule of one config that fits.
+    assert launch_findings(launch, dtype="fp16", adapter_dtype="fp32", rank=256) == []
+    assert launch_findings(launch, dtype="fp32", rank=16) == []
+    assert launch_findings(launch, dtype="bf16") == []
+
+
+def _candidates(arch, kernel, **problem):
+    """The configs the autotuner would try for one launch of a llama-7b q_proj training step on `arch`."""
+    from lorafuse.inspect.compile import problem_launches
+    from lorafuse.inspect.targets import compiling_for
+
+    with compiling_for(arch):
+        launches = problem_launches(bias=True, M=8192, K=4096, N=4096, **problem)
+        return next(launch for launch in launches if launch.name == kernel).candidate_configs()
+
+
+def test_fallback_tiles_are_tried_only_where_no_other_config_fits():
+    import torch
+
+    from lorafuse.kernels.backward import _DY_FALLBACKS
+    from lorafuse.kernels.forward import _XA_FALLBACKS
+
+    for arch in ("sm_90", "gfx942"):
+        for kernel, fallbacks in (("backward_dy", _DY_FALLBACKS), ("forward_xa", _XA_FALLBACKS)):
+            usual = _candidates(arch, kernel, dtype=torch.bfloat16, rank=16, dropout=0.1)
+            assert usual and not [config for config in usual if config in fallbacks], (arch, kernel, usual)
+    # gfx942's 64 KiB at r=256: the smallest usual tiles needed 66 KiB (fp32 with dB) and 68 KiB (fp64 forward_xa).
+    assert all(config in _DY_FALLBACKS for config in
+               _candidates("gfx942", "backward_dy", dtype=torch.float32, rank=256, dropout=0.1))
+    assert _candidates("gfx942", "forward_xa", dtype=torch.float64, rank=256, dropout=0.1) == list(_XA_FALLBACKS)
+
+
+def test_dy_pruning_counts_db_on_its_way_to_the_atomics():
+    """gfx942, fp16, r=64: 32x128 on 8 warps with 3 stages compiled to 80 KiB of LDS (48 of loads, 32 for dB's
+    result) while the estimate said 60; it is pruned now, and kept where dB is not computed."""
+    import torch
+
+    def described(configs):
+        return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs]
+
+    with_db = _candidates("gfx942", "backward_dy", dtype=torch.float16, rank=64, dropout=0.0)
+    without_db = _candidates("gfx942", "backward_dy", dtype=torch.float16, rank=64, dropout=0.0, needs_dB=False)
+    assert (32, 128, 8, 3) not in described(with_db)
+    assert (32, 128, 8, 3) in described(without_db)
+
+
 def test_table_shows_each_config_and_the_compiler_error():
     table = format_table([_report(), _report(compiled=False, error="PTXASError: ptxas fatal   : boom",
                                              kernel="backward_dx")])

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
           f"grads {','.join(args.grads)}" + (" DoRA" if args.dora else ""))
     print(format_table([report for reports in runs.values() for report in reports]))
     broken = [f"{arch}: {finding}" for arch in archs for finding in findings[arch]]
-    print("\n" + ("\n".join(["rules broken:"] + broken) if broken else "every launch has a config that fits"))
+    print("\n" + ("\n".join(["rules broken:"] + broken) if broken else "every launch satisfies the rules"))
     if args.json == "-":
         json.dump(document, sys.stdout, indent=1)
         print()

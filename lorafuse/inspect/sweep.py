@@ -10,7 +10,7 @@ hangs loses one config (reported as a failed compile), not the sweep, and the wo
 without the TRITON_INTERPRET the test process sets. Triton's on-disk cache (~/.triton/cache, or
 TRITON_CACHE_DIR) makes a second sweep over unchanged kernels take seconds per hundred configs.
 
-`python -m lorafuse.inspect.sweep [--all] [--jobs N] [--json PATH]` prints the variants that break a rule.
+`python -m lorafuse.inspect.sweep [--all | --half] [--jobs N] [--json PATH]` prints the variants that break a rule.
 """
 
 import argparse
@@ -27,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 from .compile import KernelReport
-from .rules import launch_findings
+from .rules import STRICT_MAX_RANK, launch_findings
 from .targets import ARCHS
 from .worker import MISSING_TOOL, WORKER_FAILED
 
@@ -73,6 +73,13 @@ def all_variants() -> list:
     return [Variant(arch, dtype, rank, dropout, bias, grads, tf32, adapter_dtype)
             for arch in ARCHS for dtype, adapter_dtype, tf32 in DTYPE_VARIANTS for rank in RANKS for dropout in DROPOUTS
             for bias in (True, False) for grads in GRAD_SETS]
+
+
+def half_precision_variants() -> list:
+    """The variants where every config must fit (rules.py): fp16/bf16, adapters in their dtype or in fp32, at
+    r <= 64, on every arch, with every dropout, bias and gradient set (1344 variants)."""
+    return [variant for variant in all_variants() if variant.dtype in ("fp16", "bf16")
+            and variant.rank <= STRICT_MAX_RANK]
 
 
 def representative_variants() -> list:
@@ -244,7 +251,8 @@ def run_sweep(variants: list, *, workers=None, kernels=None, progress=None) -> S
         findings[variant] = [finding for launch in plan
                              for finding in launch_findings([by_key[c["key"]] for c in launch["configs"]],
                                                             dtype=variant.dtype,
-                                                            adapter_dtype=variant.adapter_dtype)]
+                                                            adapter_dtype=variant.adapter_dtype,
+                                                            rank=variant.rank)]
     return SweepResult(findings=findings, reports=by_key, plans=dict(zip(variants, plans)), compiles=len(jobs),
                        seconds=time.perf_counter() - start)
 
@@ -253,13 +261,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lorafuse.inspect.sweep",
                                      description="Compile every LoRA kernel variant for sm_80/sm_90/sm_100/gfx942 "
                                                  "and print the variants that break a rule.")
-    parser.add_argument("--all", action="store_true", help="the whole space (default: the make-test subset)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--all", action="store_true", help="the whole space (default: the make-test subset)")
+    which.add_argument("--half", action="store_true",
+                       help=f"the fp16/bf16 variants (adapters in fp32 too) at r <= {STRICT_MAX_RANK}")
     parser.add_argument("--jobs", type=int, default=os.cpu_count(), help="worker processes (default: cores)")
     parser.add_argument("--json", metavar="PATH", help="write findings and every report as JSON")
     args = parser.parse_args(argv)
     if args.jobs is None or args.jobs <= 0:
         parser.error(f"--jobs must be a positive integer, got {args.jobs}")
-    variants = all_variants() if args.all else representative_variants()
+    variants = all_variants() if args.all else half_precision_variants() if args.half else representative_variants()
     start = time.perf_counter()
 
     def progress(done, total):
