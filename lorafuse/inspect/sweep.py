@@ -68,16 +68,23 @@ class Variant:
                 f"{','.join(self.grads)}" + ("-dora" if self.dora else ""))
 
 
+#: DoRA's gradient sets: a layer's whole step, and a first layer's (no dx). The magnitude's gradient is always
+#: computed (its dm launches the same either way).
+DORA_GRAD_SETS = (("dx", "dA", "dB"), ("dA", "dB"))
+
+
 def all_variants() -> list:
-    """The whole space: 4 archs x 7 dtype variants x 4 ranks x 2 dropouts x bias x 7 gradient sets."""
-    return [Variant(arch, dtype, rank, dropout, bias, grads, tf32, adapter_dtype)
+    """The whole space: 4 archs x 7 dtype variants x 4 ranks x 2 dropouts x bias x 7 gradient sets for LoRA, and
+    for DoRA the same with DORA_GRAD_SETS."""
+    return [Variant(arch, dtype, rank, dropout, bias, grads, tf32, adapter_dtype, dora=dora)
+            for dora, grad_sets in ((False, GRAD_SETS), (True, DORA_GRAD_SETS))
             for arch in ARCHS for dtype, adapter_dtype, tf32 in DTYPE_VARIANTS for rank in RANKS for dropout in DROPOUTS
-            for bias in (True, False) for grads in GRAD_SETS]
+            for bias in (True, False) for grads in grad_sets]
 
 
 def half_precision_variants() -> list:
     """The variants where every config must fit (rules.py): fp16/bf16, adapters in their dtype or in fp32, at
-    r <= 64, on every arch, with every dropout, bias and gradient set (1344 variants)."""
+    r <= 64, on every arch, with every dropout, bias and gradient set (1344 LoRA variants, 384 DoRA ones)."""
     return [variant for variant in all_variants() if variant.dtype in ("fp16", "bf16")
             and variant.rank <= STRICT_MAX_RANK]
 
@@ -85,7 +92,7 @@ def half_precision_variants() -> list:
 def representative_variants() -> list:
     """A subset for `make test` (about 2 minutes on 2 cores with a cold cache): ordinary LoRA training on each
     arch (bf16 with dropout, all gradients, adapters in bf16 and in fp32; fp16 at r=64 without dropout; a first
-    layer at r=1 that needs no dx), and each FMA or TF32 dtype on one arch."""
+    layer at r=1 that needs no dx), each FMA or TF32 dtype on one arch, and DoRA on three archs."""
     every = ("dx", "dA", "dB")
     return [
         Variant("sm_90", "bf16", 16, 0.1, True, every),
@@ -96,6 +103,11 @@ def representative_variants() -> list:
         Variant("sm_80", "fp32", 16, 0.1, True, every, tf32=True),
         Variant("sm_90", "fp32", 16, 0.0, False, ("dx", "dB")),
         Variant("gfx942", "fp64", 16, 0.1, True, every),
+        # DoRA: its default (fp32 adapters) on sm_90, and where its pruning is arch-specific (sm_100's epilogue,
+        # gfx942's dm).
+        Variant("sm_90", "bf16", 16, 0.1, True, every, adapter_dtype="fp32", dora=True),
+        Variant("sm_100", "bf16", 16, 0.1, True, every, dora=True),
+        Variant("gfx942", "fp16", 64, 0.0, False, every, dora=True),
     ]
 
 
