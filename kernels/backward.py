@@ -171,8 +171,9 @@ def _lora_backward_dx_kernel(
 # ---- autotune spaces ---------------------------------------------------------------------------------------
 
 def _dy_configs():
-    shapes = [(64, 128, 3, 8), (128, 128, 3, 8), (64, 64, 3, 4), (128, 64, 4, 4), (32, 128, 3, 8),
-              (32, 64, 3, 4), (16, 32, 2, 4)]
+    """Row blocks for the memory-bound dy pass. No 128x64 tile: on 4 warps it spilled 16 bytes on sm_100 at r=64
+    without dB (ptxas gave it 96 registers), on 8 warps 8 bytes at r=64 with dB; 128x128 on 8 warps did not."""
+    shapes = [(64, 128, 3, 8), (128, 128, 3, 8), (64, 64, 3, 4), (32, 128, 3, 8), (32, 64, 3, 4), (16, 32, 2, 4)]
     return tuple(tuning.config(stages, warps, BLOCK_M=bm, BLOCK_N=bn) for bm, bn, stages, warps in shapes)
 
 
@@ -232,11 +233,12 @@ def _prune_dy(configs, named_args, **meta):
         bm, bn = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"]
         return (2 * bm * bn + (bn + bm) * block_r) * adapter_size
 
-    if dm_tiles and tuning.active_target().backend == "hip":
-        # Measured, not modelled: with DoRA's dm on gfx942, 64x64 and 32x64 tiles on 4 warps spilled 40-44 bytes
-        # (197 and 155 VGPRs, bf16 r=16) where 32x128 on 8 warps, the same elements per thread, did not.
-        configs = [cfg for cfg in configs
-                   if cfg.num_warps >= 8 or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 16 * 32]
+    if dm_tiles and tuning.operands_in_registers(tuning.active_target()):
+        # Measured, not modelled: with DoRA's dm where MMA operands pass through registers, 64x64 and 32x64 tiles
+        # on 4 warps spilled 40-44 bytes on gfx942 (197 and 155 VGPRs, bf16 r=16), 64x128 on 8 warps 8 bytes on
+        # sm_80; 32x128 on 8 warps did not. 32-row tiles leave M / 32 programs for this memory-bound pass.
+        configs = [cfg for cfg in configs if (cfg.num_warps >= 8 and cfg.kwargs["BLOCK_M"] <= 32)
+                   or cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_N"] <= 16 * 32]
     # The products run in the adapters' dtype: fp32 adapters on fp16/bf16 dy are held to fp32's budgets.
     return tuning.prune(configs, dtype=named_args["b_ptr"].dtype, precision=meta["LORA_PRECISION"],
                         shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes,
@@ -261,15 +263,22 @@ def _prune_dx(configs, named_args, **meta):
         # counted as 1.5 tiles, 128x128 tiles on 4 warps and 128x256 on 8 went over (255 registers + spills).
         # With fp32 adapters, dA's product also holds x's tile in fp32 (in registers even on sm_90: with r
         # rows it is an mma.sync, not a wgmma): 128x128 on 8 warps and 128x64 on 4 spilled without this.
-        # dxa's tile (half a register an element) counts too: 128x64 on 4 warps spilled 8 bytes at r=64 without it.
+        # dxa's tile, the register operand of the LoRA term's product, counts at an element a register (bf16
+        # pairs plus their fp32 copies): 128x64 on 4 warps spilled 8 bytes at r=64 while 64x128 on 4 warps and
+        # 128x128 on 8 (202-206 registers, sm_90 bf16) did not. A's tile is a shared-memory operand where the
+        # operands are (sm_90, sm_100); operand_bytes counts it where they are not.
         bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
         x_in_fp32 = bm * bk if adapter_size > size else 0
-        return bm * bk * 3 // 2 + block_r * bk + bm * block_r * adapter_size // 4 + x_in_fp32
+        return bm * bk * 3 // 2 + bm * block_r * adapter_size // 2 + x_in_fp32
 
     def operand_bytes(cfg):  # dxa and A (dx's LoRA term), dxa^T and x (dA), in the adapters' dtype
         bm, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_K"]
         return (2 * bm * block_r + block_r * bk + bm * bk) * adapter_size
 
+    if not meta["COMPUTE_DX"]:
+        # dA alone has no main loop: a pass over x that bigger tiles do not speed up, and 128x128 on 8 warps
+        # spilled 8 bytes on sm_100 at r=64 (fp16/bf16, dropout 0).
+        configs = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] * cfg.kwargs["BLOCK_K"] <= 64 * 128]
     return tuning.prune(configs, dtype=named_args["dy_ptr"].dtype, precision=meta["PRECISION"],
                         shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
 

@@ -57,10 +57,10 @@ def _dora_weight_norm_kernel(
 
 
 def _norm_configs():
-    """Row blocks for a memory-bound pass over W: N / BLOCK_N programs (256 at N=4096 with 16 rows). No 32-row
-    tiles: 32x64 spilled 8 bytes on sm_100 on 4 warps (fp16, r=64) and on 8 (bf16, r=1), 120 on gfx942 (fp32
-    adapters, r=64)."""
-    shapes = [(16, 128, 3, 4), (16, 64, 2, 4), (64, 64, 3, 8)]
+    """Row blocks for a memory-bound pass over W: N / BLOCK_N programs (256 at N=4096 with 16 rows). Neither 32-row
+    tiles nor 16x128: 32x64 spilled 8 bytes on sm_100 on 4 warps (fp16, r=64) and on 8 (bf16, r=1), 120 on gfx942
+    (fp32 adapters, r=64); 16x128 on 4 warps 16 bytes on sm_100 (fp16, r <= 16)."""
+    shapes = [(16, 64, 2, 4), (64, 64, 3, 8)]
     return tuple(tuning.config(stages, warps, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, stages, warps in shapes)
 
 
