@@ -64,7 +64,10 @@ def _norm_configs():
     return tuple(tuning.config(stages, warps, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, stages, warps in shapes)
 
 
-_NORM_CONFIGS = _norm_configs()
+#: For where neither fits, at r=256: A's [r, 64] tile alone was 64 KiB on gfx942 (fp32 adapters), and B's [16, r]
+#: rows with the product spilled 600 to 3288 bytes on sm_100 and sm_80 (fp32 adapters, 16x64).
+_NORM_FALLBACKS = (tuning.config(2, 4, BLOCK_N=16, BLOCK_K=16),)
+_NORM_CONFIGS = _norm_configs() + _NORM_FALLBACKS
 
 
 def _prune_norm(configs, named_args, **meta):
@@ -83,7 +86,8 @@ def _prune_norm(configs, named_args, **meta):
         return (cfg.kwargs["BLOCK_N"] + cfg.kwargs["BLOCK_K"]) * block_r * adapter_size
 
     return tuning.prune(configs, dtype=named_args["a_ptr"].dtype, precision=meta["LORA_PRECISION"],
-                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes)
+                        shared_bytes=shared_bytes, accumulators=accumulators, operand_bytes=operand_bytes,
+                        fallbacks=_NORM_FALLBACKS)
 
 
 def weight_norm_launch(weight, lora_A, lora_B, norm, *, scaling, interpreted) -> Launch:
