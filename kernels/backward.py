@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafuse.checks import check_lora_inputs, seed_tensor
+from lorafuse.checks import accumulator_dtype, check_lora_inputs, seed_tensor
 from lorafuse.dropout_rng import drop_threshold
 
 from . import tuning
@@ -367,7 +367,7 @@ def lora_backward(dy, x, weight, lora_A, lora_B, xa, *, scaling, dropout_p, seed
             raise TypeError(f"{name} must be {dtype} on {x.device}, got {tensor.dtype} on {tensor.device}")
     device = x.device
     dx = torch.empty_like(x, memory_format=torch.contiguous_format) if needs_dx else None
-    acc_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc_dtype = accumulator_dtype(x.dtype)
     da = torch.zeros((R, K), dtype=acc_dtype, device=device) if needs_dA else None
     db = torch.zeros((N, R), dtype=acc_dtype, device=device) if needs_dB else None
     if M == 0 or N == 0 or K == 0:

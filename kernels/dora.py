@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lorafuse.checks import check_lora_inputs
+from lorafuse.checks import accumulator_dtype, check_lora_inputs
 
 from . import tuning
 from .backward import DoraBackward, lora_backward
@@ -108,15 +108,11 @@ def weight_norm_launch(weight, lora_A, lora_B, norm, *, scaling, interpreted) ->
         interpreter_config=dict(BLOCK_N=small_block(N, 32), BLOCK_K=small_block(K)))
 
 
-def _accumulator_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def dora_weight_norm(weight, lora_A, lora_B, *, scaling):
     """||W + scaling * B @ A|| per row of weight (N, K), any strides: (N,) in fp32 (fp64 for fp64 weights)."""
     N, K = weight.shape
     check_lora_inputs(weight.new_empty((0, K)), weight, None, lora_A, lora_B)
-    norm = torch.empty(N, dtype=_accumulator_dtype(weight.dtype), device=weight.device)
+    norm = torch.empty(N, dtype=accumulator_dtype(weight.dtype), device=weight.device)
     if N == 0:
         return norm
     if K == 0:
@@ -129,7 +125,7 @@ def dora_weight_norm(weight, lora_A, lora_B, *, scaling):
 def dora_forward(x, weight, bias, lora_A, lora_B, column_scale, *, scaling, dropout_p, seed):
     """y = g * (x @ W^T + s * xa @ B^T) + b and xa = dropout(x) @ A^T: `lora_forward` with the column scale
     g ((N,), fp32; fp64 for fp64) applied in the GEMM's epilogue."""
-    _check_column_vector("column_scale", column_scale, weight, _accumulator_dtype(x.dtype))
+    _check_column_vector("column_scale", column_scale, weight, accumulator_dtype(x.dtype))
     return lora_forward(x, weight, bias, lora_A, lora_B, scaling=scaling, dropout_p=dropout_p, seed=seed,
                         column_scale=column_scale)
 
@@ -137,7 +133,7 @@ def dora_forward(x, weight, bias, lora_A, lora_B, column_scale, *, scaling, drop
 def dora_backward(dy, x, weight, bias, lora_A, lora_B, column_scale, magnitude, xa, y, *, scaling, dropout_p, seed,
                   needs_dx=True, needs_dA=True, needs_dB=True, needs_dm=True):
     """(dx, dA, dB, dm), None where not needed: LoRA's gradients of g * dy, and dm = sum(dy * (y - b)) / m."""
-    _check_column_vector("column_scale", column_scale, weight, _accumulator_dtype(x.dtype))
+    _check_column_vector("column_scale", column_scale, weight, accumulator_dtype(x.dtype))
     if tuple(y.shape) != tuple(dy.shape):
         raise ValueError(f"y must have dy's shape {tuple(dy.shape)}, got {tuple(y.shape)}")
     dm = torch.zeros_like(column_scale) if needs_dm else None

@@ -8,6 +8,12 @@ import torch
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are kept in for inputs of `dtype` (accumulated gradients, DoRA's norms and column scale):
+    fp64 for fp64 inputs, which gradcheck needs at full precision, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")

@@ -11,12 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .checks import accumulator_dtype
 from .dispatch import select_backend
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the norm and the column scale: fp32, fp64 for fp64 weights."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op("lorafuse::dora_weight_norm", mutates_args=())
@@ -28,7 +24,7 @@ def dora_weight_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, *, scaling:
 
 @dora_weight_norm.register_fake
 def _dora_weight_norm_fake(weight, lora_A, lora_B, *, scaling):
-    return weight.new_empty((weight.shape[0],), dtype=compute_dtype(weight.dtype))
+    return weight.new_empty((weight.shape[0],), dtype=accumulator_dtype(weight.dtype))
 
 
 @torch.library.custom_op("lorafuse::dora_forward", mutates_args=())

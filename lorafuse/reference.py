@@ -7,7 +7,7 @@ it the exact mask the kernels drew (`lorafuse.kernels.dropout_mask`).
 import torch
 import torch.nn.functional as F
 
-from .checks import check_lora_inputs
+from .checks import accumulator_dtype, check_lora_inputs
 
 
 def _dropped(x, keep_mask, dropout_p):
@@ -40,7 +40,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, *, scaling, keep_mask=None, dro
 
 def dora_weight_norm(weight, lora_A, lora_B, *, scaling):
     """||W + scaling * B @ A|| per output row, (out_features,), in fp32 (fp64 for fp64 weights)."""
-    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    compute = accumulator_dtype(weight.dtype)
     merged = weight.to(compute) + scaling * (lora_B.to(compute) @ lora_A.to(compute))
     return torch.linalg.vector_norm(merged, dim=1)
 

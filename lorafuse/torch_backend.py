@@ -7,7 +7,7 @@ kernels' mask to the bit (`dropout_rng`), so a seed drops the same elements on e
 
 import torch
 
-from .checks import check_dropout, check_lora_inputs, seed_tensor
+from .checks import accumulator_dtype, check_dropout, check_lora_inputs, seed_tensor
 from .dropout_rng import keep_mask
 
 
@@ -68,13 +68,9 @@ def _backward(dy, dy_adapter, x, weight, lora_A, lora_B, xa, *, scaling, dropout
 
 # ---- DoRA ----------------------------------------------------------------------------------------------------
 
-def _compute_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def dora_weight_norm(weight, lora_A, lora_B, *, scaling):
     """Same contract as `lorafuse.kernels.dora_weight_norm`: ||W + s B A|| per row, fp32 (fp64 for fp64)."""
-    compute = _compute_dtype(weight.dtype)
+    compute = accumulator_dtype(weight.dtype)
     merged = weight.to(compute) + scaling * (lora_B.to(compute) @ lora_A.to(compute))
     return torch.linalg.vector_norm(merged, dim=1)
 

@@ -64,7 +64,7 @@ def problem_launches(*, dtype, rank, dropout, bias, M, K, N, needs_dx=True, need
     adapter_dtype: lora_A/lora_B's dtype (None: x's; float32 on a float16/bfloat16 model, PEFT's default).
     dora: a FusedDoRALinear's step instead: the weight-norm launch first, the column scale in the forward GEMM,
     and the backward's DoRA work (dm and g * dy)."""
-    from lorafuse.checks import check_adapter_dtype, seed_tensor
+    from lorafuse.checks import accumulator_dtype, check_adapter_dtype, seed_tensor
     from lorafuse.kernels import backward_launches, forward_launches, weight_norm_launch
     from lorafuse.kernels.backward import DoraBackward
 
@@ -81,7 +81,7 @@ def problem_launches(*, dtype, rank, dropout, bias, M, K, N, needs_dx=True, need
     def empty(*shape, of=dtype):
         return torch.empty(shape, dtype=of)
 
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = accumulator_dtype(dtype)
     x, weight = empty(M, K), empty(N, K)
     # xa and dxa take the adapters' dtype, as the launchers allocate them.
     lora_A, lora_B, xa, dxa = (empty(*shape, of=adapter_dtype)
