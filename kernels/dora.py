@@ -18,7 +18,7 @@ import triton.language as tl
 from lorafuse.checks import accumulator_dtype, check_lora_inputs
 
 from . import tuning
-from .backward import DoraBackward, lora_backward
+from .backward import _RANK_CHUNK, DoraBackward, lora_backward
 from .common import _mma, is_interpreted, lora_dot_options, rank_block, small_block
 from .forward import lora_forward
 from .launches import Launch, run
@@ -34,24 +34,36 @@ def _dora_weight_norm_kernel(
     stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
     scaling,
     UPCAST: tl.constexpr, LORA_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, RANK_CHUNK: tl.constexpr,
 ):
     offs_n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    offs_r = tl.arange(0, BLOCK_R)
     in_n = offs_n < N
-    in_r = offs_r < R
-    b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
-                mask=in_n[:, None] & in_r[None, :], other=0.0)
+    ONE_CHUNK: tl.constexpr = RANK_CHUNK >= BLOCK_R
+    if ONE_CHUNK:  # B's rows stay in registers through the loop, and W's loads are pipelined
+        offs_r = tl.arange(0, BLOCK_R)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                    mask=in_n[:, None] & (offs_r < R)[None, :], other=0.0)
     squares = tl.zeros((BLOCK_N,), dtype=ACC_DTYPE)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
         in_k = offs_k < K
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=in_n[:, None] & in_k[None, :], other=0.0)
-        a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=in_r[:, None] & in_k[None, :], other=0.0)
-        merged = w.to(ACC_DTYPE) + scaling * _mma(b, a, tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE), UPCAST,
-                                                  LORA_PRECISION)
+        product = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC_DTYPE)
+        if ONE_CHUNK:
+            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                        mask=(offs_r < R)[:, None] & in_k[None, :], other=0.0)
+            product = _mma(b, a, product, UPCAST, LORA_PRECISION)
+        else:  # the rank RANK_CHUNK columns at a time (see weight_norm_launch)
+            for r0 in tl.range(0, BLOCK_R, RANK_CHUNK, num_stages=1):
+                offs_r = r0 + tl.arange(0, RANK_CHUNK)
+                in_r = offs_r < R
+                b = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                            mask=in_n[:, None] & in_r[None, :], other=0.0)
+                a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                            mask=in_r[:, None] & in_k[None, :], other=0.0)
+                product = _mma(b, a, product, UPCAST, LORA_PRECISION)
+        merged = w.to(ACC_DTYPE) + scaling * product
         squares += tl.sum(merged * merged, axis=1)
     tl.store(norm_ptr + offs_n, tl.sqrt(squares), mask=in_n)
 
@@ -64,8 +76,9 @@ def _norm_configs():
     return tuple(tuning.config(stages, warps, BLOCK_N=bn, BLOCK_K=bk) for bn, bk, stages, warps in shapes)
 
 
-#: For where neither fits, at r=256: A's [r, 64] tile alone was 64 KiB on gfx942 (fp32 adapters), and B's [16, r]
-#: rows with the product spilled 600 to 3288 bytes on sm_100 and sm_80 (fp32 adapters, 16x64).
+#: For where neither fits: sm_80 with fp32 adapters, whose split-precision operands the pruning counts in registers
+#: against the FMA budget (16x16: 164 registers at r=256, none spilled); before the rank chunks, gfx942 at r=256
+#: with fp32 adapters, where A's [r, 64] tile alone was 64 KiB of LDS.
 _NORM_FALLBACKS = (tuning.config(2, 4, BLOCK_N=16, BLOCK_K=16),)
 _NORM_CONFIGS = _norm_configs() + _NORM_FALLBACKS
 
@@ -73,7 +86,7 @@ _NORM_CONFIGS = _norm_configs() + _NORM_FALLBACKS
 def _prune_norm(configs, named_args, **meta):
     size = tuning.element_size(named_args["w_ptr"].dtype)
     adapter_size = tuning.element_size(named_args["a_ptr"].dtype)
-    block_r = meta["BLOCK_R"]
+    block_r = meta["RANK_CHUNK"]  # the kernel's B and A tiles are this wide
 
     def shared_bytes(cfg):
         bn, bk = cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
@@ -97,12 +110,19 @@ def weight_norm_launch(weight, lora_A, lora_B, norm, *, scaling, interpreted) ->
     # split_precision: with fp32 adapters (TF32 off) B @ A runs as 3xTF32 on the matrix cores (bf16x6 on AMD),
     # about 2^-22 relative, instead of on the FMA units, which at r = 64 would take longer than the read of W.
     dots = lora_dot_options(weight.dtype, lora_A.dtype, interpreted, split_precision=True)
+    block_r = rank_block(R)
+    # B's [BLOCK_N, r] rows are loaded once and held through the K loop, unless they spill: at r > 64 in split
+    # precision (B's rows with their TF32 or bf16 parts spilled 592 to 2912 bytes in every config, r=256 on
+    # sm_80/sm_90/sm_100/gfx942). There each K step walks the rank 64 columns at a time, re-reading B's rows
+    # from cache (none spill). The nested loop is not software-pipelined, so elsewhere B stays whole.
+    split = dots["LORA_PRECISION"] in ("tf32x3", "bf16x6")
+    rank_chunk = _RANK_CHUNK.value if split and block_r > _RANK_CHUNK.value else block_r
     return Launch(
         name="dora_norm", kernel=_dora_weight_norm_kernel,
         args=(weight, lora_A, lora_B, norm, N, K, R, weight.stride(0), weight.stride(1), lora_A.stride(0),
               lora_A.stride(1), lora_B.stride(0), lora_B.stride(1), float(scaling)),
         meta=dict(UPCAST=dots["UPCAST"], LORA_PRECISION=dots["LORA_PRECISION"], ACC_DTYPE=dots["ACC_DTYPE"],
-                  BLOCK_R=rank_block(R)),
+                  BLOCK_R=block_r, RANK_CHUNK=rank_chunk),
         grid=lambda c: (triton.cdiv(N, c["BLOCK_N"]),),
         configs=_NORM_CONFIGS, prune=_prune_norm, key=("N", "K", "BLOCK_R"),
         interpreter_config=dict(BLOCK_N=small_block(N, 32), BLOCK_K=small_block(K)))

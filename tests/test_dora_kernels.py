@@ -1,5 +1,7 @@
 """DoRA's fused path (kernels on a GPU, interpreted kernels on CPU) against the PyTorch oracle."""
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import DTYPES
@@ -149,6 +151,26 @@ def test_weight_norm_kernel(device, r, adapter_dtype):
     expected = reference.dora_weight_norm(weight.double(), lora_A.double(), lora_B.double(), scaling=0.3)
     assert norm.dtype == torch.float32 and norm.shape == (45,)
     # fp32 sums of 70 squares of exactly representable products: a few fp32 ulps.
+    torch.testing.assert_close(norm.double(), expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("adapter_dtype", [torch.float16, torch.float32], ids=str)
+def test_weight_norm_kernel_in_rank_chunks(device, adapter_dtype):
+    # The rank walked RANK_CHUNK columns at a time in each K step, as weight_norm_launch does with fp32 adapters
+    # at r > 64 on a GPU. Forced here at r=40 with chunks of 16: the third is partly past r, the fourth wholly.
+    from lorafuse.kernels import INTERPRETED
+    from lorafuse.kernels.dora import weight_norm_launch
+    from lorafuse.kernels.launches import run
+
+    weight = torch.randn(45, 70, device=device).to(torch.float16)
+    lora_A = torch.randn(40, 70, device=device).to(adapter_dtype)
+    lora_B = torch.randn(45, 40, device=device).to(adapter_dtype)
+    norm = torch.empty(45, device=device)
+    launch = weight_norm_launch(weight, lora_A, lora_B, norm, scaling=0.3, interpreted=INTERPRETED)
+    assert launch.meta["BLOCK_R"] == 64
+    run(dataclasses.replace(launch, meta={**launch.meta, "RANK_CHUNK": 16}), weight)
+    expected = reference.dora_weight_norm(weight.double(), lora_A.double(), lora_B.double(), scaling=0.3)
+    # As test_weight_norm_kernel: fp32 sums of 70 squares, a few fp32 ulps.
     torch.testing.assert_close(norm.double(), expected, rtol=1e-5, atol=0)
 
 
