@@ -179,9 +179,11 @@ def _dy_configs():
 
 def _dy_fallbacks():
     """Tiles for where none of _dy_configs fits, at r=256: on gfx942's 64 KiB, 16x32 needed 65-66 KiB with dB for
-    fp32 (and fp32 adapters), 132 KiB for fp64 (16x16: 33 and 66 KiB; unpipelined, 16 and 32); on sm_100 with
-    fp32 adapters and no dB, 16x32 spilled 24 bytes (16x16: none)."""
-    return tuple(tuning.config(stages, 4, BLOCK_M=16, BLOCK_N=16) for stages in (2, 1))
+    fp32 (and fp32 adapters), 132 KiB for fp64 (16x16: 33 and 66 KiB; unpipelined, 16 and 32); with fp32 adapters
+    and no dB, 16x32 on 4 warps spilled 24 bytes on sm_100, and 16x16 on 4 warps 8 bytes on sm_90 (ptxas gave it
+    96 registers for a [16, 256] fp32 accumulator and B's [16, 256] rows on the FMA units). On 8 warps, 16x16
+    holds half as much per thread: 63 registers there, and no r=256 variant spills in backward_dy."""
+    return tuple(tuning.config(stages, 8, BLOCK_M=16, BLOCK_N=16) for stages in (2, 1))
 
 
 def _dx_configs():
