@@ -187,8 +187,16 @@ def _dy_fallbacks():
 
 
 def _dx_configs():
-    """The forward GEMM's tiles, with K in the role of N: dx is an (M, K) GEMM over N."""
-    return tuple(tuning.config(c.num_stages, c.num_warps, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"],
+    """The forward GEMM's tiles, with K in the role of N: dx is an (M, K) GEMM over N.
+
+    The 32x32x32 tile takes 4 stages here (2 in the forward). On 2, ptxas held the dx kernel to 80 registers and
+    spilled 8 bytes (the tile's row offsets, stored before the main loop and loaded after it) for DoRA with fp32
+    adapters at r=1 without dropout on sm_80, where it is the only candidate; on 4, 95 registers and none. (Row-
+    major order, GROUP_M=1, cured that variant but spilled LoRA's on sm_90 with fp16 and fp32 adapters.)"""
+    def stages(c):
+        return 4 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (32, 32, 32) else c.num_stages
+
+    return tuple(tuning.config(stages(c), c.num_warps, BLOCK_M=c.kwargs["BLOCK_M"], BLOCK_K=c.kwargs["BLOCK_N"],
                                BLOCK_N=c.kwargs["BLOCK_K"], GROUP_M=c.kwargs["GROUP_M"]) for c in _GEMM_CONFIGS)
 
 
