@@ -138,6 +138,41 @@ def test_fallback_tiles_are_tried_only_where_no_other_config_fits():
     assert _candidates("gfx942", "forward_xa", dtype=torch.float64, rank=256, dropout=0.1) == list(_XA_FALLBACKS)
 
 
+def test_weight_norm_walks_the_rank_in_chunks_only_in_split_precision_above_64():
+    """DoRA's norm holds B's [BLOCK_N, r] rows through its K loop, except in split precision (fp32 adapters on
+    the GPU: 3xTF32, bf16x6 on AMD) at r > 64, where they spilled 592-2912 bytes at r=256 on every arch."""
+    import torch
+
+    def chunk(arch, rank, adapter_dtype):
+        from lorafuse.inspect.compile import problem_launches
+        from lorafuse.inspect.targets import compiling_for
+
+        with compiling_for(arch):
+            launches = problem_launches(dtype=torch.bfloat16, rank=rank, dropout=0.1, bias=True, M=64, K=256, N=128,
+                                        adapter_dtype=adapter_dtype, dora=True)
+            meta = next(launch for launch in launches if launch.name == "dora_norm").meta
+            return meta["BLOCK_R"], meta["RANK_CHUNK"]
+
+    assert chunk("sm_90", 256, torch.float32) == (256, 64)
+    assert chunk("gfx942", 256, torch.float32) == (256, 64)
+    assert chunk("sm_90", 256, None) == (256, 256)  # bf16 adapters: B stays whole, W's loads stay pipelined
+    assert chunk("sm_80", 64, torch.float32) == (64, 64)
+
+
+def test_ampere_pipeline_buffers_are_stages_less_one():
+    """As compiled: 128x128x64 with 4 stages takes 96 KiB of shared memory on sm_80 (3 buffers of 32), 136 on
+    sm_90 (4 and the barriers); gfx942's stream pipeliner also keeps num_stages - 1."""
+    from lorafuse.inspect.targets import compiling_for
+    from lorafuse.kernels import tuning
+
+    four_stages = tuning.config(4, 8, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64)
+    buffers = {}
+    for arch in ("sm_80", "sm_90", "sm_100", "gfx942"):
+        with compiling_for(arch):
+            buffers[arch] = tuning.pipeline_buffers(four_stages)
+    assert buffers == {"sm_80": 3, "sm_90": 4, "sm_100": 4, "gfx942": 3}
+
+
 def test_dy_pruning_counts_db_on_its_way_to_the_atomics():
     """gfx942, fp16, r=64: 32x128 on 8 warps with 3 stages compiled to 80 KiB of LDS (48 of loads, 32 for dB's
     result) while the estimate said 60; it is pruned now, and kept where dB is not computed."""
