@@ -2,9 +2,10 @@
 
 DoRA's y = g * (x @ W^T + s * xa @ B^T) + b, g = m / ||W + s B A|| (row norms, detached), adds to LoRA's kernels:
 - `_dora_weight_norm_kernel`: ||W + s B A|| per row in one pass over W. Each program forms its rows of
-  W + s B A one `[BLOCK_N, BLOCK_K]` tile at a time (a rank-r product into registers) and sums the squares, in
-  fp32: B A is never in memory. Forming the tile, rather than expanding ||W||^2 + 2s (W A^T).B + s^2 ||B A||^2,
-  has no cancellation when W + s B A is small against W, for the same one read of W.
+  W + s B A one `[BLOCK_N, BLOCK_K]` tile at a time (a rank-r product into registers, in rank chunks where B's
+  rows would spill) and sums the squares, in fp32: B A is never in memory. Forming the tile, rather than
+  expanding ||W||^2 + 2s (W A^T).B + s^2 ||B A||^2, has no cancellation when W + s B A is small against W, for the
+  same one read of W.
 - the forward GEMM multiplies its accumulator by g in the epilogue, before the bias;
 - the backward's dy kernel sums dy * (y - b) over rows into dm (y is the saved output: y - b = g * u, so
   dm = sum(dy * u) / ||.|| = sum(dy * (y - b)) / m) and runs LoRA's chain rule on g * dy; the dx GEMM scales
